@@ -1,0 +1,30 @@
+# The two set-up commands: `make demo` and `make test`. Each creates .venv when missing.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: demo test bench install install-dev clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+install: $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e .[sign]
+
+install-dev: $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e .[dev]
+
+demo: install
+	XLA_FLAGS=--xla_force_host_platform_device_count=2 $(BIN)/python tools/demo.py
+
+test: install-dev
+	$(BIN)/ruff check hkstore tests tools
+	$(BIN)/mypy
+	$(BIN)/python -m pytest
+
+bench: install-dev
+	$(BIN)/python tools/bench.py --quick
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,54 @@
+"""hkstore: save, send and reload JAX/Haiku models without trusting pickle.
+
+Map of the package:
+
+- ``hkstore.HaikuModel``, ``JaxNumpyVector``, ``DevicePolicy`` and the device-policy helpers:
+  the model wrapper (``hkstore.model``; imports jax, lazily on first use).
+- ``hkstore.save`` / ``load`` / ``dumps`` / ``loads`` / ``open_archive``: the archive format
+  (``hkstore.store``, which never imports jax).
+- ``hkstore.Trust`` and the key helpers: what a loader agrees to import or unpickle.
+- ``hkstore.errors``: the error family (every error is an ``HkstoreError``).
+
+Importing ``hkstore`` does not import jax; touching a model name does.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
+
+from hkstore import errors as errors
+from hkstore._version import __version__ as __version__
+from hkstore.errors import HkstoreError as HkstoreError
+
+if TYPE_CHECKING:
+    from hkstore.model import DevicePolicy as DevicePolicy
+    from hkstore.model import HaikuModel as HaikuModel
+    from hkstore.model import JaxNumpyVector as JaxNumpyVector
+    from hkstore.model import get_device_policy as get_device_policy
+    from hkstore.model import set_device_policy as set_device_policy
+
+# name -> module that defines it; resolved on first access so that `import hkstore` stays
+# free of jax (the storage layer and the CLI must run where jax is not installed).
+_LAZY: dict[str, str] = {
+    "HaikuModel": "hkstore.model",
+    "JaxNumpyVector": "hkstore.model",
+    "DevicePolicy": "hkstore.model",
+    "get_device_policy": "hkstore.model",
+    "set_device_policy": "hkstore.model",
+}
+
+__all__ = ["HkstoreError", "__version__", "errors", *_LAZY]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'hkstore' has no attribute {name!r}")
+    value = getattr(import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

@@ -1,0 +1,121 @@
+"""The hkstore error family: one base class, named subclasses, each also a fitting builtin.
+
+Every failure hkstore raises on purpose is an :class:`HkstoreError`. Subclasses also derive
+from the builtin a declearn-style caller would catch (``ValueError``, ``KeyError``,
+``TypeError``, ``PermissionError``), so ``except ValueError`` keeps working.
+
+Example:
+    >>> import hkstore
+    >>> try:
+    ...     raise hkstore.errors.DigestMismatchError("tensor 'a:w': digest mismatch")
+    ... except ValueError as exc:
+    ...     print(type(exc).__name__)
+    DigestMismatchError
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ArchiveFormatError",
+    "ContainerError",
+    "DataInfoError",
+    "DigestMismatchError",
+    "HkstoreError",
+    "IntegrityError",
+    "LimitExceededError",
+    "ManifestError",
+    "NotImportableError",
+    "NotInitializedError",
+    "RefusedCodeError",
+    "RuntimeMismatchError",
+    "SignatureError",
+    "UnsupportedDtypeError",
+    "UnsupportedVersionError",
+    "UntrustedKeyError",
+    "WeightsFormatError",
+    "WeightsMismatchError",
+]
+
+
+class HkstoreError(Exception):
+    """Base class of every error hkstore raises on purpose."""
+
+
+# --- reading archives -------------------------------------------------------------------
+
+
+class ArchiveFormatError(HkstoreError, ValueError):
+    """The archive is malformed: not something a v1 writer could have produced."""
+
+
+class ContainerError(ArchiveFormatError):
+    """The ZIP container is malformed, truncated, or has members it must not have."""
+
+
+class ManifestError(ArchiveFormatError):
+    """``manifest.json`` is not valid canonical JSON or does not match the v1 schema."""
+
+
+class WeightsFormatError(ArchiveFormatError):
+    """The safetensors member is malformed or disagrees with the manifest."""
+
+
+class UnsupportedVersionError(ArchiveFormatError):
+    """The archive declares a format version this reader does not implement."""
+
+
+class LimitExceededError(ArchiveFormatError):
+    """A size, count or length in the input is larger than the configured limit allows."""
+
+
+# --- integrity and trust ----------------------------------------------------------------
+
+
+class IntegrityError(HkstoreError, ValueError):
+    """The archive's bytes do not match what its manifest or signature promises."""
+
+
+class DigestMismatchError(IntegrityError):
+    """A member's or tensor's SHA-256 digest (or size) differs from the manifest."""
+
+
+class SignatureError(IntegrityError):
+    """A signature is missing where required, malformed, or does not verify."""
+
+
+class UntrustedKeyError(SignatureError):
+    """The archive is signed, but by a key the caller did not list as trusted."""
+
+
+class RefusedCodeError(HkstoreError, PermissionError):
+    """The trust policy refuses to import or unpickle code named by the archive."""
+
+
+class RuntimeMismatchError(RefusedCodeError):
+    """A pickle was written by another Python version or implementation; refused unread."""
+
+
+# --- models and values ------------------------------------------------------------------
+
+
+class UnsupportedDtypeError(HkstoreError, TypeError):
+    """A dtype that the format cannot store exactly (never silently cast)."""
+
+
+class WeightsMismatchError(HkstoreError, KeyError, ValueError):
+    """Weights do not fit the model: every missing, unexpected, reshaped or retyped name."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message; keep it readable.
+        return str(self.args[0]) if self.args else ""
+
+
+class DataInfoError(HkstoreError, ValueError):
+    """``data_info`` is missing a field, has a bad value, or conflicts with an earlier one."""
+
+
+class NotInitializedError(HkstoreError, ValueError):
+    """The model must be initialized (``initialize(data_info)``) before this call."""
+
+
+class NotImportableError(HkstoreError, ValueError):
+    """A function cannot be stored by reference (lambda, closure, ``__main__``...)."""

@@ -1,0 +1,1 @@
+"""hkstore.store: the archive format. Never imports jax or haiku."""
