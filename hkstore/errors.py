@@ -22,13 +22,17 @@ __all__ = [
     "DigestMismatchError",
     "HkstoreError",
     "IntegrityError",
+    "InvalidKeyError",
     "LimitExceededError",
     "ManifestError",
+    "MissingDependencyError",
     "NotImportableError",
     "NotInitializedError",
     "RefusedCodeError",
     "RuntimeMismatchError",
     "SignatureError",
+    "TrustPolicyError",
+    "UnsafeTrustWarning",
     "UnsupportedDtypeError",
     "UnsupportedVersionError",
     "UntrustedKeyError",
@@ -93,6 +97,22 @@ class RefusedCodeError(HkstoreError, PermissionError):
 
 class RuntimeMismatchError(RefusedCodeError):
     """A pickle was written by another Python version or implementation; refused unread."""
+
+
+class InvalidKeyError(HkstoreError, ValueError):
+    """A key, key file or shared secret is malformed, of the wrong kind, or too short."""
+
+
+class TrustPolicyError(HkstoreError, ValueError):
+    """A ``Trust`` policy is contradictory or names something it cannot allow."""
+
+
+class UnsafeTrustWarning(UserWarning):
+    """Emitted each time a policy lets unsigned pickled code run (``allow_unsigned=True``)."""
+
+
+class MissingDependencyError(HkstoreError, ImportError):
+    """An optional dependency is not installed (the message names the extra to install)."""
 
 
 # --- models and values ------------------------------------------------------------------

@@ -25,8 +25,10 @@ class DtypeInfo:
     itemsize: int
 
 
-def _row(code: str, dtype: object) -> DtypeInfo:
-    dt = np.dtype(dtype).newbyteorder("<") if np.dtype(dtype).itemsize > 1 else np.dtype(dtype)
+def _row(code: str, dtype: type) -> DtypeInfo:
+    dt: np.dtype = np.dtype(dtype)
+    if dt.itemsize > 1:
+        dt = dt.newbyteorder("<")
     return DtypeInfo(code=code, dtype=dt, itemsize=dt.itemsize)
 
 

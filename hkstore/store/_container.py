@@ -1,0 +1,894 @@
+"""The ZIP container: a streaming writer of stored members and THE one strict reader.
+
+Written by hand rather than with :mod:`zipfile` because the format needs three things zipfile
+does not give: members streamed from a generator with their data start aligned (a zipalign-style
+padding extra field) so the weights can be memory-mapped; local headers patched in place once a
+streamed member's size and CRC are known; and a fail-closed parser that accounts for every byte
+of the file (zipfile tolerates prepended data, gaps, unknown members, duplicates and header
+mismatches -- the parser differences that let scanners be bypassed). The output is plain ZIP
+(stored, ZIP64 when needed) that :mod:`zipfile` and ``unzip`` read.
+
+What the writer emits: local header + data per member, back to back from offset 0; then the
+central directory; then (only when an offset or size needs it) the ZIP64 end record and
+locator; then the end record with comment :data:`ARCHIVE_COMMENT`. Fixed fields: version made
+by 0x032D (Unix, 4.5), version needed 20 (45 for an entry using ZIP64), flags 0x0800 (UTF-8),
+method 0, DOS date 1980-01-01 00:00, external attributes 0o100644 << 16. A local extra field
+holds, in order, a ZIP64 field (id 0x0001, both sizes) when the member is 4 GiB or more, and a
+padding field (id 0xD935: u16 alignment, then zeros) that aligns the data start. A streamed
+member reserves 20 extra bytes for the ZIP64 field; when it ends up smaller they become padding,
+so the local and central headers always agree exactly.
+
+The file stays whole (writer + reader, ~900 lines) because both halves share the byte layout
+defined at the top; splitting them would put the layout in two places. CRC-32 lives in
+``_crc32.py`` and is re-exported here.
+"""
+
+from __future__ import annotations
+
+import stat
+import struct
+from dataclasses import dataclass
+from typing import IO, TYPE_CHECKING, cast
+
+if TYPE_CHECKING:
+    import mmap
+
+    from _typeshed import ReadableBuffer
+
+    from hkstore.store._crc32 import BytesLike
+
+from hkstore.errors import ContainerError, LimitExceededError
+from hkstore.store._crc32 import CRC32_IMPLEMENTATION, crc32, crc32_combine
+from hkstore.store._limits import DEFAULT_LIMITS, Limits
+
+__all__ = [
+    "ARCHIVE_COMMENT",
+    "CRC32_IMPLEMENTATION",
+    "MEMBER_NAMES",
+    "ContainerWriter",
+    "MemberInfo",
+    "MemberStream",
+    "crc32",
+    "crc32_combine",
+    "read_container",
+]
+
+#: The only member names an archive may hold; anything else is refused.
+MEMBER_NAMES: frozenset[str] = frozenset(
+    {
+        "manifest.json",
+        "weights.safetensors",
+        "weights.safetensors.zst",
+        "functions.pkl.zst",
+        "signature.json",
+    }
+)
+#: End-of-central-directory comment: magic + container version. Must end the file exactly.
+ARCHIVE_COMMENT = b"hkstore/1"
+
+# --- byte layout (PKWARE APPNOTE 6.3.x), all little-endian ---------------------------------
+_LOCAL = struct.Struct("<IHHHHHIIIHH")  # 30 bytes: sig .. extra length
+_CENTRAL = struct.Struct("<IHHHHHHIIIHHHHHII")  # 46 bytes: sig .. local header offset
+_EOCD = struct.Struct("<IHHHHIIH")  # 22 bytes + comment
+_ZIP64_EOCD = struct.Struct("<IQHHIIQQQQ")  # 56 bytes, no extensible data
+_ZIP64_LOCATOR = struct.Struct("<IIQI")  # 20 bytes
+_EXTRA_HEAD = struct.Struct("<HH")
+_U16 = struct.Struct("<H")
+_U64 = struct.Struct("<Q")
+
+_SIG_LOCAL = 0x04034B50
+_SIG_CENTRAL = 0x02014B50
+_SIG_EOCD = 0x06054B50
+_SIG_ZIP64_EOCD = 0x06064B50
+_SIG_ZIP64_LOCATOR = 0x07064B50
+_ZIP64_EOCD_RECORD_SIZE = _ZIP64_EOCD.size - 12  # "size of zip64 end record" field value
+
+_EXTRA_ZIP64 = 0x0001
+_EXTRA_PAD = 0xD935  # zipalign's id: u16 alignment then zero bytes
+_ZIP64_RESERVE = _EXTRA_HEAD.size + 16  # local ZIP64 field: uncompressed + compressed sizes
+_PAD_MIN = _EXTRA_HEAD.size + _U16.size
+_MAX_ALIGN = 1 << 15
+
+_U32_MAX = 0xFFFFFFFF
+_U16_MAX = 0xFFFF
+_FLAG_UTF8 = 0x0800
+_FLAG_ENCRYPTED = 0x0001 | 0x0040 | 0x2000  # traditional, strong, central-directory encryption
+_FLAG_DATA_DESCRIPTOR = 0x0008
+_METHOD_STORED = 0
+_VERSION_NEEDED = 20
+_VERSION_NEEDED_ZIP64 = 45
+_VERSION_MADE_BY = (3 << 8) | _VERSION_NEEDED_ZIP64  # host 3 = Unix, so attributes are st_mode
+_DOS_TIME = 0
+_DOS_DATE = (0 << 9) | (1 << 5) | 1  # 1980-01-01: fixed, so equal inputs give equal bytes
+_EXTERNAL_ATTR = (stat.S_IFREG | 0o644) << 16
+_DOS_ATTR_REFUSED = 0x08 | 0x10  # volume label, directory
+_HOST_UNIX = 3
+_CRC_CHECKED = frozenset({"manifest.json", "signature.json"})
+
+
+# --- writer --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MemberInfo:
+    """Where one member lives in the container (offsets from the start of the file)."""
+
+    name: str
+    header_offset: int
+    data_offset: int
+    size: int
+    crc32: int
+
+
+@dataclass
+class _Pending:
+    name: bytes
+    header_offset: int
+    align: int
+    extra_len: int  # fixed at begin; the patched header keeps the same length
+
+
+def _byte_view(data: BytesLike) -> memoryview:
+    view = memoryview(cast("ReadableBuffer", data))
+    if view.ndim != 1 or view.itemsize != 1:
+        view = view.cast("B")  # raises TypeError for non-contiguous buffers
+    return view
+
+
+def _padding_field(total: int, align: int) -> bytes:
+    return _EXTRA_HEAD.pack(_EXTRA_PAD, total - 4) + _U16.pack(align) + bytes(total - _PAD_MIN)
+
+
+def _local_extra(extra_len: int, align: int, zip64_size: int | None) -> bytes:
+    """Local extra field of exactly ``extra_len`` bytes: ZIP64 sizes (if any) + padding."""
+    parts = []
+    if zip64_size is not None:
+        parts.append(_EXTRA_HEAD.pack(_EXTRA_ZIP64, 16) + _U64.pack(zip64_size) * 2)
+        extra_len -= _ZIP64_RESERVE
+    if extra_len:
+        parts.append(_padding_field(extra_len, align))
+    return b"".join(parts)
+
+
+class MemberStream:
+    """A member being written: call :meth:`write` any number of times, then :meth:`finish`."""
+
+    def __init__(self, writer: ContainerWriter, pending: _Pending, *, compute_crc: bool) -> None:
+        self._writer = writer
+        self._pending = pending
+        self._crc: int | None = 0 if compute_crc else None
+        self._size = 0
+        self._done = False
+
+    def write(self, buf: BytesLike) -> int:
+        """Append ``buf`` (bytes-like; large memoryviews are passed through, not copied).
+
+        Returns:
+            The number of bytes written.
+        """
+        if self._done:
+            raise ValueError("write() on a finished member stream")
+        view = _byte_view(buf)
+        if self._crc is not None:
+            self._crc = crc32(view, self._crc)
+        self._writer._write(view)
+        self._size += view.nbytes
+        return view.nbytes
+
+    def finish(self, *, crc32: int | None = None) -> MemberInfo:
+        """Patch the local header with the final size and CRC; the writer may go on.
+
+        Args:
+            crc32: the member's CRC-32 when the caller computed it (``compute_crc=False``);
+                ``None`` to use the one computed while writing.
+
+        Returns:
+            Where the member landed.
+
+        Raises:
+            ValueError: no CRC available, or the given one differs from the computed one.
+        """
+        if self._done:
+            raise ValueError("finish() called twice")
+        crc = self._crc if crc32 is None else crc32
+        if crc is None:
+            raise ValueError("begin_member(compute_crc=False) needs finish(crc32=...)")
+        if self._crc is not None and crc != self._crc:
+            raise ValueError(
+                f"finish(crc32={crc:#010x}) but the data written has {self._crc:#010x}"
+            )
+        self._done = True
+        return self._writer._finish(self._pending, self._size, crc)
+
+
+class ContainerWriter:
+    """Write an archive's members (stored, deterministic bytes) into a seekable binary file.
+
+    Members are written one at a time, in the order the caller chooses. The caller owns the
+    file: :meth:`close` writes the central directory but does not close it.
+
+    Args:
+        fileobj: seekable binary file (or ``io.BytesIO``) positioned at 0.
+        force_zip64: write ZIP64 records even when nothing needs them (tests).
+
+    Example:
+        >>> import io
+        >>> out = io.BytesIO()
+        >>> writer = ContainerWriter(out)
+        >>> info = writer.add_member("manifest.json", b"{}")
+        >>> writer.close()
+        >>> read_container(out.getvalue())["manifest.json"].size
+        2
+    """
+
+    def __init__(self, fileobj: IO[bytes], *, force_zip64: bool = False) -> None:
+        if fileobj.tell() != 0:
+            raise ValueError("ContainerWriter needs a file positioned at offset 0")
+        self._file = fileobj
+        self._force_zip64 = force_zip64
+        self._pos = 0
+        self._members: list[MemberInfo] = []
+        self._stream: MemberStream | None = None
+        self._closed = False
+
+    def add_member(self, name: str, data: BytesLike, *, align: int = 1) -> MemberInfo:
+        """Write a whole member whose bytes are in memory.
+
+        Args:
+            name: one of :data:`MEMBER_NAMES`, not already written.
+            data: the member's bytes (any bytes-like object).
+            align: the data start is padded to a multiple of this (power of two <= 32768).
+
+        Returns:
+            Where the member landed.
+
+        Raises:
+            ValueError: bad name or alignment, duplicate, a member still open, or closed.
+        """
+        view = _byte_view(data)
+        size = view.nbytes
+        zip64 = self._force_zip64 or size >= _U32_MAX
+        pending = self._begin(name, align, reserve_zip64=zip64)
+        crc = crc32(view)
+        self._write(self._header(pending, size, crc))
+        self._write(view)
+        return self._record(pending, size, crc)
+
+    def begin_member(self, name: str, *, align: int = 64, compute_crc: bool = True) -> MemberStream:
+        """Start a member streamed in pieces; sizes may pass 4 GiB (ZIP64 space is reserved).
+
+        Args:
+            name: one of :data:`MEMBER_NAMES`, not already written.
+            align: the data start is padded to a multiple of this (power of two <= 32768).
+            compute_crc: CRC the data inline; pass False when the caller supplies the CRC to
+                :meth:`MemberStream.finish` (e.g. combined from per-tensor CRCs).
+
+        Returns:
+            The stream; finish it before starting another member.
+
+        Raises:
+            ValueError: bad name or alignment, duplicate, a member still open, or closed.
+        """
+        pending = self._begin(name, align, reserve_zip64=True)
+        self._write(self._header(pending, 0, 0))
+        self._stream = MemberStream(self, pending, compute_crc=compute_crc)
+        return self._stream
+
+    def close(self) -> None:
+        """Write the central directory, the ZIP64 records when needed, and the end record.
+
+        Raises:
+            ValueError: a member is still open, or ``manifest.json`` was never written.
+        """
+        if self._closed:
+            return
+        self._check_no_open_stream()
+        if not any(m.name == "manifest.json" for m in self._members):
+            raise ValueError("container has no manifest.json (every archive needs one)")
+        cd_offset = self._pos
+        self._write(b"".join(self._central_entry(m) for m in self._members))
+        cd_size = self._pos - cd_offset
+        count = len(self._members)
+        if self._force_zip64 or cd_offset >= _U32_MAX or cd_size >= _U32_MAX:
+            zip64_offset = self._pos
+            self._write(
+                _ZIP64_EOCD.pack(
+                    _SIG_ZIP64_EOCD, _ZIP64_EOCD_RECORD_SIZE, _VERSION_MADE_BY,
+                    _VERSION_NEEDED_ZIP64, 0, 0, count, count, cd_size, cd_offset,
+                )
+            )  # fmt: skip
+            self._write(_ZIP64_LOCATOR.pack(_SIG_ZIP64_LOCATOR, 0, zip64_offset, 1))
+        self._write(
+            _EOCD.pack(
+                _SIG_EOCD, 0, 0, count, count, min(cd_size, _U32_MAX),
+                min(cd_offset, _U32_MAX), len(ARCHIVE_COMMENT),
+            )
+            + ARCHIVE_COMMENT
+        )  # fmt: skip
+        self._file.flush()
+        self._closed = True
+
+    # -- internals --
+
+    def _write(self, view: bytes | memoryview) -> None:
+        self._write_raw(view, self._pos)
+        self._pos += len(view)
+
+    def _write_raw(self, view: bytes | memoryview, offset: int) -> None:
+        done = 0
+        while done < len(view):
+            n = self._file.write(view[done:] if done else view)
+            if not n:  # None (would block) or 0: never a silent short write
+                raise OSError(f"short write to the container at offset {offset + done}")
+            done += n
+
+    def _check_no_open_stream(self) -> None:
+        if self._stream is not None and not self._stream._done:
+            raise ValueError(f"member {self._stream._pending.name.decode()!r} is not finished")
+
+    def _begin(self, name: str, align: int, *, reserve_zip64: bool) -> _Pending:
+        if self._closed:
+            raise ValueError("container is closed")
+        self._check_no_open_stream()
+        if name not in MEMBER_NAMES:
+            raise ValueError(f"member name {name!r} is not one of {sorted(MEMBER_NAMES)}")
+        if any(m.name == name for m in self._members):
+            raise ValueError(f"member {name!r} written twice")
+        if not (1 <= align <= _MAX_ALIGN and align & (align - 1) == 0):
+            raise ValueError(f"align must be a power of two in 1..{_MAX_ALIGN}, got {align}")
+        encoded = name.encode()
+        fixed = _ZIP64_RESERVE if reserve_zip64 else 0
+        base = self._pos + _LOCAL.size + len(encoded) + fixed
+        pad = (-base) % align
+        while 0 < pad < _PAD_MIN:
+            pad += align
+        return _Pending(encoded, self._pos, align, fixed + pad)
+
+    def _header(self, pending: _Pending, size: int, crc: int) -> bytes:
+        zip64 = self._force_zip64 or size >= _U32_MAX
+        if zip64 and pending.extra_len < _ZIP64_RESERVE:  # add_member decided up front
+            raise AssertionError("ZIP64 member without reserved extra space")
+        extra = _local_extra(pending.extra_len, pending.align, size if zip64 else None)
+        needed = (
+            _VERSION_NEEDED_ZIP64
+            if self._entry_zip64(pending.header_offset, size)
+            else _VERSION_NEEDED
+        )
+        size32 = _U32_MAX if zip64 else size
+        header = _LOCAL.pack(
+            _SIG_LOCAL, needed, _FLAG_UTF8, _METHOD_STORED, _DOS_TIME, _DOS_DATE, crc,
+            size32, size32, len(pending.name), len(extra),
+        )  # fmt: skip
+        return header + pending.name + extra
+
+    def _entry_zip64(self, header_offset: int, size: int) -> bool:
+        return self._force_zip64 or size >= _U32_MAX or header_offset >= _U32_MAX
+
+    def _finish(self, pending: _Pending, size: int, crc: int) -> MemberInfo:
+        header = self._header(pending, size, crc)
+        self._file.seek(pending.header_offset)
+        self._write_raw(header, pending.header_offset)
+        self._file.seek(self._pos)
+        return self._record(pending, size, crc)
+
+    def _record(self, pending: _Pending, size: int, crc: int) -> MemberInfo:
+        data_offset = pending.header_offset + _LOCAL.size + len(pending.name) + pending.extra_len
+        info = MemberInfo(pending.name.decode(), pending.header_offset, data_offset, size, crc)
+        self._members.append(info)
+        return info
+
+    def _central_entry(self, m: MemberInfo) -> bytes:
+        name = m.name.encode()
+        sizes_zip64 = self._force_zip64 or m.size >= _U32_MAX
+        offset_zip64 = self._force_zip64 or m.header_offset >= _U32_MAX
+        values = ([m.size, m.size] if sizes_zip64 else []) + (
+            [m.header_offset] if offset_zip64 else []
+        )
+        extra = b""
+        if values:
+            extra = _EXTRA_HEAD.pack(_EXTRA_ZIP64, 8 * len(values)) + b"".join(
+                _U64.pack(v) for v in values
+            )
+        size32 = _U32_MAX if sizes_zip64 else m.size
+        needed = (
+            _VERSION_NEEDED_ZIP64 if self._entry_zip64(m.header_offset, m.size) else _VERSION_NEEDED
+        )
+        return (
+            _CENTRAL.pack(
+                _SIG_CENTRAL, _VERSION_MADE_BY, needed, _FLAG_UTF8, _METHOD_STORED, _DOS_TIME,
+                _DOS_DATE, m.crc32, size32, size32, len(name), len(extra), 0, 0, 0,
+                _EXTERNAL_ATTR, _U32_MAX if offset_zip64 else m.header_offset,
+            )
+            + name
+            + extra
+        )  # fmt: skip
+
+
+# --- reader --------------------------------------------------------------------------------
+
+
+@dataclass
+class _Central:
+    """A parsed central directory entry (sizes and offset already resolved through ZIP64)."""
+
+    offset: int  # of the central entry itself, for messages
+    raw_name: bytes
+    name: str
+    flags: int
+    method: int
+    time: int
+    date: int
+    crc: int
+    size: int
+    compressed_size: int
+    header_offset: int
+
+
+def read_container(
+    buf: bytes | bytearray | memoryview | mmap.mmap, limits: Limits = DEFAULT_LIMITS
+) -> dict[str, MemberInfo]:
+    """Parse and check an archive's ZIP structure; nothing is decompressed or interpreted.
+
+    Fails closed on anything an hkstore writer would not produce: the end record must end the
+    file with comment :data:`ARCHIVE_COMMENT`; members must have known, unique names (with
+    ``manifest.json`` present), be stored, unencrypted, without data descriptors, regular files;
+    each local header must agree with its central entry; and local headers + data, central
+    directory, ZIP64 records and end record must tile the file exactly from byte 0 (no gaps,
+    overlaps, prepended or trailing bytes). Extra fields other than ZIP64 (0x0001) and, in local
+    headers, padding (0xD935, zero bytes after its u16) are refused, as are entry comments. The
+    CRC-32 of ``manifest.json`` and ``signature.json`` is checked; the other members are
+    covered by the manifest's digests.
+
+    Args:
+        buf: the whole archive (bytes, memoryview or mmap); not copied.
+        limits: size limits (total, per member, manifest, signature).
+
+    Returns:
+        Member name -> :class:`MemberInfo`, in file order.
+
+    Raises:
+        ContainerError: malformed or truncated container; names the member, offset and what
+            was expected (every problem with the members at once).
+        LimitExceededError: the file or a member is larger than ``limits`` allow.
+    """
+    view = memoryview(buf)
+    try:
+        flat = view if view.ndim == 1 and view.itemsize == 1 else view.cast("B")
+        try:
+            return _Reader(flat, limits).read()
+        finally:
+            if flat is not view:
+                flat.release()
+    finally:
+        view.release()
+
+
+def _fail(problems: list[str]) -> ContainerError:
+    if len(problems) == 1:
+        return ContainerError(f"container: {problems[0]}")
+    listed = "; ".join(f"({i}) {p}" for i, p in enumerate(problems, 1))
+    return ContainerError(f"container: {len(problems)} problems: {listed}")
+
+
+def _member(name: str | bytes, offset: int, kind: str = "central directory entry") -> str:
+    shown = repr(name) if isinstance(name, str) else repr(name)[1:]
+    return f"member {shown} ({kind} at offset {offset})"
+
+
+class _Reader:
+    def __init__(self, buf: memoryview, limits: Limits) -> None:
+        self._buf = buf
+        self._limits = limits
+        self._size = buf.nbytes
+
+    def _unpack(self, layout: struct.Struct, offset: int, end: int, what: str) -> tuple[int, ...]:
+        if offset < 0 or offset + layout.size > end:
+            raise _fail([f"{what} at offset {offset} runs past offset {end} (truncated?)"])
+        return layout.unpack_from(self._buf, offset)
+
+    def read(self) -> dict[str, MemberInfo]:
+        if self._size > self._limits.max_total_bytes:
+            raise LimitExceededError(
+                f"container: file is {self._size} bytes, limit max_total_bytes is "
+                f"{self._limits.max_total_bytes}"
+            )
+        count, cd_offset, cd_end = self._end_records()
+        entries = self._central_directory(count, cd_offset, cd_end)
+        self._check_limits(entries)
+        return self._local_headers(entries, cd_offset)
+
+    # -- end records --
+
+    def _end_records(self) -> tuple[int, int, int]:
+        """Return (entry count, central directory offset, central directory end)."""
+        eocd_offset = self._size - _EOCD.size - len(ARCHIVE_COMMENT)
+        tail = bytes(self._buf[max(eocd_offset, 0) :])
+        expected_tail = _EOCD.size + len(ARCHIVE_COMMENT)
+        if (
+            eocd_offset < 0
+            or _U16.unpack_from(tail, _EOCD.size - 2)[0] != len(ARCHIVE_COMMENT)
+            or struct.unpack_from("<I", tail)[0] != _SIG_EOCD
+            or tail[_EOCD.size :] != ARCHIVE_COMMENT
+        ):
+            raise _fail(
+                [
+                    f"no end-of-central-directory record with comment {ARCHIVE_COMMENT!r} in the "
+                    f"last {expected_tail} bytes of the {self._size}-byte file (not an hkstore "
+                    "archive, truncated, or trailing bytes after the end record)"
+                ]
+            )
+        _, disk, cd_disk, disk_count, count, cd_size, cd_offset, _ = _EOCD.unpack_from(tail)
+        if disk != 0 or cd_disk != 0 or disk_count != count:
+            raise _fail(
+                [
+                    f"end record at offset {eocd_offset} describes a multi-disk archive (disk "
+                    f"{disk}, central directory disk {cd_disk}, {disk_count} of {count} entries "
+                    "here); only single-file archives are allowed"
+                ]
+            )
+        locator_offset = eocd_offset - _ZIP64_LOCATOR.size
+        has_locator = (
+            locator_offset >= 0
+            and struct.unpack_from("<I", self._buf, locator_offset)[0] == _SIG_ZIP64_LOCATOR
+        )
+        if not has_locator:
+            if count == _U16_MAX or cd_size == _U32_MAX or cd_offset == _U32_MAX:
+                raise _fail(
+                    [
+                        f"end record at offset {eocd_offset} holds ZIP64 placeholder values but "
+                        f"no ZIP64 locator precedes it at offset {locator_offset}"
+                    ]
+                )
+            return count, cd_offset, self._span_end(cd_offset, cd_size, eocd_offset)
+        _, z_disk, z_offset, disks = _ZIP64_LOCATOR.unpack_from(self._buf, locator_offset)
+        record_offset = locator_offset - _ZIP64_EOCD.size
+        if z_disk != 0 or disks != 1:
+            raise _fail(
+                [f"ZIP64 locator at offset {locator_offset} describes {disks} disks; expected 1"]
+            )
+        if z_offset != record_offset:
+            raise _fail(
+                [
+                    f"ZIP64 locator at offset {locator_offset} points to offset {z_offset}; the "
+                    f"ZIP64 end record must sit right before it, at offset {record_offset}"
+                ]
+            )
+        fields = self._unpack(_ZIP64_EOCD, record_offset, locator_offset, "ZIP64 end record")
+        sig, record_size, _, _, disk64, cd_disk64, disk_count64, count64, cd_size64, cd_offset64 = (
+            fields
+        )
+        if sig != _SIG_ZIP64_EOCD or record_size != _ZIP64_EOCD_RECORD_SIZE:
+            raise _fail(
+                [
+                    f"ZIP64 end record at offset {record_offset}: expected signature "
+                    f"{_SIG_ZIP64_EOCD:#010x} and size {_ZIP64_EOCD_RECORD_SIZE}, found "
+                    f"{sig:#010x} and {record_size}"
+                ]
+            )
+        if disk64 != 0 or cd_disk64 != 0 or disk_count64 != count64:
+            raise _fail(
+                [f"ZIP64 end record at offset {record_offset} describes a multi-disk archive"]
+            )
+        if (count, cd_size, cd_offset) != (
+            min(count64, _U16_MAX),
+            min(cd_size64, _U32_MAX),
+            min(cd_offset64, _U32_MAX),
+        ):
+            raise _fail(
+                [
+                    f"end record at offset {eocd_offset} (entries {count}, central directory "
+                    f"size {cd_size}, offset {cd_offset}) disagrees with the ZIP64 end record "
+                    f"(entries {count64}, size {cd_size64}, offset {cd_offset64})"
+                ]
+            )
+        return count64, cd_offset64, self._span_end(cd_offset64, cd_size64, record_offset)
+
+    def _span_end(self, cd_offset: int, cd_size: int, next_record: int) -> int:
+        if cd_offset + cd_size != next_record:
+            raise _fail(
+                [
+                    f"central directory (offset {cd_offset}, size {cd_size}) must end exactly "
+                    f"where the end records start, at offset {next_record}"
+                ]
+            )
+        return next_record
+
+    # -- central directory --
+
+    def _central_directory(self, count: int, cd_offset: int, cd_end: int) -> list[_Central]:
+        if count == 0:
+            raise _fail(["archive has no members; manifest.json is required"])
+        if count > len(MEMBER_NAMES):
+            raise _fail(
+                [f"central directory lists {count} entries; at most {len(MEMBER_NAMES)} allowed"]
+            )
+        entries: list[_Central] = []
+        problems: list[str] = []
+        pos = cd_offset
+        for index in range(count):
+            fields = self._unpack(_CENTRAL, pos, cd_end, f"central directory entry {index}")
+            (sig, made_by, needed, flags, method, time, date, crc, csize32, usize32, name_len,
+             extra_len, comment_len, disk, _internal, external, offset32) = fields  # fmt: skip
+            if sig != _SIG_CENTRAL:
+                raise _fail(
+                    [
+                        f"central directory entry {index} at offset {pos}: expected signature "
+                        f"{_SIG_CENTRAL:#010x}, found {sig:#010x}"
+                    ]
+                )
+            name_start = pos + _CENTRAL.size
+            end = name_start + name_len + extra_len + comment_len
+            if end > cd_end:
+                raise _fail(
+                    [
+                        f"central directory entry {index} at offset {pos} runs past the end of "
+                        f"the central directory at offset {cd_end}"
+                    ]
+                )
+            raw_name = bytes(self._buf[name_start : name_start + name_len])
+            extra = bytes(self._buf[name_start + name_len : name_start + name_len + extra_len])
+            where = _member(raw_name, pos)
+            name, problem = _check_name(raw_name)
+            if problem:
+                problems.append(f"{where}: {problem}")
+            else:
+                where = _member(name, pos)
+            problems += [f"{where}: {p}" for p in _check_entry(flags, method, needed)]
+            if comment_len:
+                problems.append(f"{where}: has a {comment_len}-byte file comment; expected none")
+            if disk != 0:
+                problems.append(f"{where}: starts on disk {disk}; expected disk 0")
+            problems += [f"{where}: {p}" for p in _check_attributes(made_by, external)]
+            zip64 = _parse_extra(extra, allowed={_EXTRA_ZIP64}, problems=problems, where=where)
+            usize, csize, offset = _resolve_zip64(
+                zip64.get(_EXTRA_ZIP64), [usize32, csize32, offset32], problems, where
+            )
+            if usize != csize:
+                problems.append(
+                    f"{where}: compressed size {csize} != uncompressed size {usize}; a stored "
+                    "member has equal sizes"
+                )
+            entries.append(
+                _Central(pos, raw_name, name, flags, method, time, date, crc, usize, csize, offset)
+            )
+            pos = end
+        if pos != cd_end:
+            problems.append(
+                f"central directory has {cd_end - pos} unaccounted bytes at offset {pos} after "
+                f"its {count} entries"
+            )
+        seen: dict[str, int] = {}
+        for entry in entries:
+            if entry.name and entry.name in seen:
+                problems.append(
+                    f"{_member(entry.name, entry.offset)}: duplicate of the entry at offset "
+                    f"{seen[entry.name]}"
+                )
+            seen.setdefault(entry.name, entry.offset)
+        if "manifest.json" not in seen:
+            problems.append("no manifest.json member; it is required")
+        if problems:
+            raise _fail(problems)
+        return entries
+
+    def _check_limits(self, entries: list[_Central]) -> None:
+        caps = {
+            "manifest.json": ("max_manifest_bytes", self._limits.max_manifest_bytes),
+            "signature.json": ("max_signature_bytes", self._limits.max_signature_bytes),
+        }
+        over = []
+        for entry in entries:
+            field, cap = caps.get(entry.name, ("max_member_bytes", self._limits.max_member_bytes))
+            cap = min(cap, self._limits.max_member_bytes)
+            if entry.size > cap:
+                over.append(f"member {entry.name!r} is {entry.size} bytes, limit {field} is {cap}")
+        if over:
+            raise LimitExceededError("container: " + "; ".join(over))
+
+    # -- local headers and tiling --
+
+    def _local_headers(self, entries: list[_Central], cd_offset: int) -> dict[str, MemberInfo]:
+        problems: list[str] = []
+        infos: list[MemberInfo] = []
+        for entry in sorted(entries, key=lambda e: e.header_offset):
+            info = self._local_header(entry, cd_offset, problems)
+            if info is not None:
+                infos.append(info)
+        if problems:
+            raise _fail(problems)
+        expected = 0
+        for info in infos:
+            where = _member(info.name, info.header_offset, "local header")
+            if info.header_offset > expected:
+                gap = info.header_offset - expected
+                what = "prepended data" if expected == 0 else "a gap"
+                problems.append(f"{where}: {gap} bytes of {what} at offset {expected} before it")
+            elif info.header_offset < expected:
+                problems.append(
+                    f"{where}: overlaps the previous member, whose data ends at offset {expected}"
+                )
+            expected = max(expected, info.data_offset + info.size)
+        if expected < cd_offset:
+            problems.append(
+                f"{cd_offset - expected} unaccounted bytes at offset {expected} between the last "
+                f"member's data and the central directory at offset {cd_offset}"
+            )
+        for info in infos:
+            # The small JSON members have no digest of their own: their CRC catches corruption.
+            # (The weights and function members are covered by the manifest's SHA-256 digests.)
+            if info.name in _CRC_CHECKED and not problems:
+                with self._buf[info.data_offset : info.data_offset + info.size] as data:
+                    actual = crc32(data)  # (released at once: callers may close their mmap)
+                if actual != info.crc32:
+                    problems.append(
+                        f"{_member(info.name, info.data_offset, 'data')}: CRC-32 of its "
+                        f"{info.size} bytes is {actual:#010x}; its headers say {info.crc32:#010x}"
+                    )
+        if problems:
+            raise _fail(problems)
+        return {info.name: info for info in infos}
+
+    def _local_header(
+        self, entry: _Central, cd_offset: int, problems: list[str]
+    ) -> MemberInfo | None:
+        offset = entry.header_offset
+        where = _member(entry.name, offset, "local header")
+        if offset + _LOCAL.size > cd_offset:
+            problems.append(
+                f"{where}: a {_LOCAL.size}-byte local header there would run into the central "
+                f"directory at offset {cd_offset}"
+            )
+            return None
+        (sig, needed, flags, method, time, date, crc, csize32, usize32, name_len,
+         extra_len) = _LOCAL.unpack_from(self._buf, offset)  # fmt: skip
+        if sig != _SIG_LOCAL:
+            problems.append(f"{where}: expected signature {_SIG_LOCAL:#010x}, found {sig:#010x}")
+            return None
+        name_start = offset + _LOCAL.size
+        data_offset = name_start + name_len + extra_len
+        if data_offset > cd_offset:
+            problems.append(f"{where}: name and extra field run into the central directory")
+            return None
+        raw_name = bytes(self._buf[name_start : name_start + name_len])
+        extra = bytes(self._buf[name_start + name_len : data_offset])
+        fields = _parse_extra(
+            extra, allowed={_EXTRA_ZIP64, _EXTRA_PAD}, problems=problems, where=where
+        )
+        if _EXTRA_PAD in fields:
+            padding = fields[_EXTRA_PAD]
+            if len(padding) < _U16.size or any(padding[_U16.size :]):
+                problems.append(f"{where}: padding extra field must be a u16 then zero bytes")
+        if needed > _VERSION_NEEDED_ZIP64:
+            problems.append(
+                f"{where}: needs ZIP version {needed / 10:.1f}; at most 4.5 is supported"
+            )
+        usize, csize = _resolve_local_sizes(
+            fields.get(_EXTRA_ZIP64), usize32, csize32, problems, where
+        )
+        found = {"name": raw_name, "flags": flags, "method": method, "time": time, "date": date,
+                 "crc32": crc, "compressed size": csize, "uncompressed size": usize}  # fmt: skip
+        wanted = {"name": entry.raw_name, "flags": entry.flags, "method": entry.method,
+                  "time": entry.time, "date": entry.date, "crc32": entry.crc,
+                  "compressed size": entry.compressed_size,
+                  "uncompressed size": entry.size}  # fmt: skip
+        for key, value in found.items():
+            if value != wanted[key]:
+                problems.append(
+                    f"{where}: {key} is {value!r} in the local header but {wanted[key]!r} in the "
+                    f"central directory entry at offset {entry.offset}"
+                )
+        if data_offset + entry.size > cd_offset:
+            problems.append(
+                f"{where}: data of {entry.size} bytes at offset {data_offset} runs into the "
+                f"central directory at offset {cd_offset}"
+            )
+            return None
+        return MemberInfo(entry.name, offset, data_offset, entry.size, entry.crc)
+
+
+def _check_name(raw: bytes) -> tuple[str, str | None]:
+    """Return (name, problem or None); traversal-style names get their own message."""
+    try:
+        name = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return "", "name is not valid UTF-8"
+    parts = name.replace("\\", "/").split("/")
+    if (
+        not name
+        or "\x00" in name
+        or name.startswith("/")
+        or "\\" in name
+        or (len(name) >= 2 and name[1] == ":")
+        or ".." in parts
+    ):
+        return "", "unsafe name (empty, absolute, drive, backslash, NUL or '..' path)"
+    if name not in MEMBER_NAMES:
+        return "", f"unknown member name; expected one of {sorted(MEMBER_NAMES)}"
+    return name, None
+
+
+def _check_entry(flags: int, method: int, needed: int) -> list[str]:
+    problems = []
+    if flags & _FLAG_ENCRYPTED:
+        problems.append(f"is encrypted (flags {flags:#06x}); encryption is not allowed")
+    if flags & _FLAG_DATA_DESCRIPTOR:
+        problems.append(f"uses a data descriptor (flags {flags:#06x}); sizes must be in headers")
+    other = flags & ~(_FLAG_UTF8 | _FLAG_ENCRYPTED | _FLAG_DATA_DESCRIPTOR)
+    if other:
+        problems.append(f"has unsupported flag bits {other:#06x}")
+    if method != _METHOD_STORED:
+        problems.append(f"uses compression method {method}; expected 0 (stored)")
+    if needed > _VERSION_NEEDED_ZIP64:
+        problems.append(f"needs ZIP version {needed / 10:.1f}; at most 4.5 is supported")
+    return problems
+
+
+def _check_attributes(made_by: int, external: int) -> list[str]:
+    if external & _DOS_ATTR_REFUSED:
+        return [f"external attributes {external:#010x} mark a directory or volume label"]
+    mode = external >> 16
+    if made_by >> 8 == _HOST_UNIX and stat.S_IFMT(mode) not in (0, stat.S_IFREG):
+        return [f"external attributes {external:#010x} mark a symlink, directory or device"]
+    return []
+
+
+def _parse_extra(
+    extra: bytes, *, allowed: set[int], problems: list[str], where: str
+) -> dict[int, bytes]:
+    fields: dict[int, bytes] = {}
+    pos = 0
+    while pos < len(extra):
+        if pos + _EXTRA_HEAD.size > len(extra):
+            problems.append(f"{where}: extra field has {len(extra) - pos} stray bytes at its end")
+            break
+        header_id, length = _EXTRA_HEAD.unpack_from(extra, pos)
+        start = pos + _EXTRA_HEAD.size
+        if start + length > len(extra):
+            problems.append(f"{where}: extra field {header_id:#06x} runs past the extra area")
+            break
+        if header_id not in allowed:
+            problems.append(f"{where}: unexpected extra field {header_id:#06x}")
+        elif header_id in fields:
+            problems.append(f"{where}: extra field {header_id:#06x} appears twice")
+        else:
+            fields[header_id] = extra[start : start + length]
+        pos = start + length
+    return fields
+
+
+def _resolve_zip64(
+    zip64: bytes | None, values: list[int], problems: list[str], where: str
+) -> list[int]:
+    """Replace each 0xFFFFFFFF in (uncompressed, compressed, offset) by its ZIP64 value."""
+    wanted = [i for i, value in enumerate(values) if value == _U32_MAX]
+    resolved = list(values)
+    if zip64 is None:
+        if wanted:
+            problems.append(f"{where}: holds ZIP64 placeholders but no ZIP64 extra field")
+        return resolved
+    if len(zip64) != 8 * len(wanted):
+        problems.append(
+            f"{where}: ZIP64 extra field is {len(zip64)} bytes; expected {8 * len(wanted)}"
+        )
+        return resolved
+    for slot, index in enumerate(wanted):
+        resolved[index] = _U64.unpack_from(zip64, 8 * slot)[0]
+    return resolved
+
+
+def _resolve_local_sizes(
+    zip64: bytes | None, usize32: int, csize32: int, problems: list[str], where: str
+) -> tuple[int, int]:
+    """A local ZIP64 field holds both sizes, and is there exactly when both are placeholders."""
+    placeholders = (usize32 == _U32_MAX, csize32 == _U32_MAX)
+    if zip64 is None and not any(placeholders):
+        return usize32, csize32
+    if zip64 is None or not all(placeholders) or len(zip64) != 16:
+        problems.append(
+            f"{where}: a local ZIP64 extra field (16 bytes: both sizes) must be present exactly "
+            f"when both 32-bit sizes are 0xffffffff (sizes {usize32:#x}/{csize32:#x}, ZIP64 "
+            f"field {'absent' if zip64 is None else f'{len(zip64)} bytes'})"
+        )
+        return usize32, csize32
+    usize, csize = struct.unpack("<QQ", zip64)
+    return usize, csize
