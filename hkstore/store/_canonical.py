@@ -1,0 +1,254 @@
+"""Canonical JSON: the one byte-stable encoding hkstore writes, and the strict parser it reads with.
+
+Canonical bytes are what ``json.dumps(obj, sort_keys=True, separators=(",", ":"),
+ensure_ascii=False, allow_nan=False)`` writes, encoded as UTF-8 without a byte-order mark:
+object keys sorted by code point, no insignificant whitespace, non-ASCII characters written
+as themselves (only ``"``, ``\\`` and control characters are escaped), integers in decimal,
+floats as Python's shortest round-trip ``repr`` (``0.1``, ``1e-05``, ``1.0``), and no NaN or
+infinities. The same value always gives the same bytes, so signatures over them are stable.
+
+Example:
+    >>> canonical_json({"b": [1, 2.5], "a": "é"})
+    b'{"a":"\\xc3\\xa9","b":[1,2.5]}'
+"""
+
+from __future__ import annotations
+
+import codecs
+import json
+import math
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from hkstore.errors import HkstoreError, LimitExceededError, ManifestError
+
+__all__ = ["MAX_DEPTH", "canonical_json", "is_canonical", "json_path", "parse_json_strict"]
+
+#: Deepest nesting of arrays and objects written or read (the top-level object is depth 1).
+#: Manifests are shallow; the cap keeps a hostile ``[[[[...`` from exhausting the stack.
+MAX_DEPTH = 64
+
+
+def json_path(parts: Iterable[str | int]) -> str:
+    """Format a location inside a JSON document the one way every hkstore message does.
+
+    Example:
+        >>> json_path(["tensors", 3, "sha256"])
+        '$.tensors[3].sha256'
+        >>> json_path(["metadata", "a b"])
+        '$.metadata["a b"]'
+    """
+    out = ["$"]
+    for part in parts:
+        if isinstance(part, int):
+            out.append(f"[{part}]")
+        elif part.isascii() and part.isidentifier():
+            out.append(f".{part}")
+        else:
+            out.append(f"[{json.dumps(part, ensure_ascii=False)}]")
+    return "".join(out)
+
+
+# --- writing ----------------------------------------------------------------------------------
+
+
+def canonical_json(obj: Any, *, what: str = "JSON value", at: Sequence[str | int] = ()) -> bytes:
+    """Encode ``obj`` as canonical JSON bytes (see the module docstring for the rules).
+
+    Only ``dict`` (with ``str`` keys), ``list``, ``str``, ``int``, ``float``, ``bool`` and
+    ``None`` are accepted, by exact type: tuples, numpy scalars and other look-alikes are
+    refused rather than silently converted, so that what is read back equals what was written.
+
+    Args:
+        obj: the value to encode.
+        what: names the document in error messages (e.g. ``"manifest.json"``).
+        at: where ``obj`` sits in that document, for error messages (e.g. ``["metadata"]``).
+
+    Returns:
+        The UTF-8 bytes.
+
+    Raises:
+        ManifestError: a value is not JSON (the message gives its path, e.g.
+            ``$.metadata.loss``): NaN or an infinity, a non-``str`` key, a string that is not
+            valid Unicode (lone surrogate), nesting deeper than :data:`MAX_DEPTH`, or an
+            unsupported type.
+    """
+    _check_value(obj, list(at), len(at), what)
+    try:
+        text = json.dumps(
+            obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+        )
+    except ValueError as exc:  # e.g. an int with more digits than int->str conversion allows
+        raise ManifestError(f"{what}: cannot encode as JSON: {exc}") from None
+    return text.encode("utf-8")
+
+
+def _check_value(value: Any, path: list[str | int], depth: int, what: str) -> None:
+    kind = type(value)
+    if kind is str:
+        if not value.isascii():
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise ManifestError(
+                    f"{what}: {json_path(path)}: string is not valid Unicode "
+                    f"(lone surrogate at index {exc.start})"
+                ) from None
+    elif value is None or kind is bool or kind is int:
+        return
+    elif kind is float:
+        if not math.isfinite(value):
+            raise ManifestError(
+                f"{what}: {json_path(path)}: {value!r} is not allowed (JSON has no NaN or infinity)"
+            )
+    elif kind is dict or kind is list:
+        if depth >= MAX_DEPTH:
+            raise ManifestError(f"{what}: {json_path(path)}: nested deeper than {MAX_DEPTH} levels")
+        if kind is list:
+            for index, item in enumerate(value):
+                _check_value(item, [*path, index], depth + 1, what)
+            return
+        for key, item in value.items():
+            if type(key) is not str:
+                raise ManifestError(
+                    f"{what}: {json_path(path)}: key {key!r} is not a string (JSON object "
+                    "keys must be)"
+                )
+            _check_value(key, path, depth, what)
+            _check_value(item, [*path, key], depth + 1, what)
+    else:
+        raise ManifestError(
+            f"{what}: {json_path(path)}: {_article(kind.__name__)} {kind.__name__} is not a JSON "
+            "value (expected dict, list, str, int, float, bool or None)"
+        )
+
+
+def _article(noun: str) -> str:
+    return "an" if noun[:1].lower() in ("a", "e", "i", "o", "u") else "a"
+
+
+# --- reading ----------------------------------------------------------------------------------
+
+
+class _Pairs(list[tuple[str, Any]]):
+    """An object's (key, value) pairs as parsed, before duplicate keys are checked."""
+
+
+class _Refused:
+    """Stands in for a number the parser must refuse, so the walk can say where it was."""
+
+    def __init__(self, literal: str) -> None:
+        self.literal = literal
+
+
+def _parse_float(literal: str) -> float | _Refused:
+    value = float(literal)
+    return value if math.isfinite(value) else _Refused(literal)
+
+
+def parse_json_strict(
+    data: bytes | bytearray | memoryview,
+    *,
+    what: str,
+    max_bytes: int,
+    error: type[HkstoreError] = ManifestError,
+) -> Any:
+    """Parse untrusted JSON bytes strictly into a ``dict``.
+
+    Checks, in this order: size (before anything is decoded), UTF-8 without byte-order mark,
+    JSON syntax, then every object for duplicate keys (Python's ``json`` would silently keep
+    the last one), no ``NaN``/``Infinity`` constants or numbers that overflow to infinity,
+    nesting at most :data:`MAX_DEPTH`, and a top-level object.
+
+    Args:
+        data: the document's bytes.
+        what: names the document in error messages (e.g. ``"manifest.json"``).
+        max_bytes: the largest accepted size.
+        error: the class raised for malformed input (``ManifestError`` unless the caller
+            parses another document, e.g. a signature).
+
+    Returns:
+        The parsed object, made of ``dict``, ``list``, ``str``, ``int``, ``float``, ``bool``
+        and ``None``.
+
+    Raises:
+        LimitExceededError: ``data`` is longer than ``max_bytes``.
+        ManifestError: (or ``error``) anything else above; the message names ``what`` and,
+            where there is one, the JSON path at fault.
+    """
+    size = data.nbytes if isinstance(data, memoryview) else len(data)
+    if size > max_bytes:
+        raise LimitExceededError(f"{what}: {size} bytes, more than the limit of {max_bytes} bytes")
+    raw = bytes(data)
+    if raw.startswith(codecs.BOM_UTF8):
+        raise error(f"{what}: starts with a UTF-8 byte-order mark; expected UTF-8 without one")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise error(
+            f"{what}: not valid UTF-8 (byte 0x{raw[exc.start]:02x} at offset {exc.start})"
+        ) from None
+    try:
+        parsed = json.loads(
+            text, object_pairs_hook=_Pairs, parse_constant=_Refused, parse_float=_parse_float
+        )
+    except json.JSONDecodeError as exc:
+        raise error(
+            f"{what}: invalid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})"
+        ) from None
+    except RecursionError:
+        raise error(f"{what}: invalid JSON: nested too deeply") from None
+    except ValueError as exc:  # int literal longer than Python's int-from-str limit
+        raise error(f"{what}: invalid JSON: {exc}") from None
+    if not isinstance(parsed, _Pairs):
+        raise error(f"{what}: the top-level JSON value is {_kind(parsed)}; expected an object")
+    return _finish(parsed, [], 1, what, error)
+
+
+def _finish(
+    value: Any, path: list[str | int], depth: int, what: str, error: type[HkstoreError]
+) -> Any:
+    """Turn parsed pairs into dicts, refusing duplicates, bad numbers and deep nesting."""
+    if isinstance(value, _Refused):
+        raise error(
+            f"{what}: {json_path(path)}: {value.literal} is not allowed (JSON has no NaN or "
+            "infinity)"
+        )
+    if not isinstance(value, list):
+        return value
+    if depth > MAX_DEPTH:
+        raise error(f"{what}: {json_path(path)}: nested deeper than {MAX_DEPTH} levels")
+    if not isinstance(value, _Pairs):
+        return [_finish(item, [*path, i], depth + 1, what, error) for i, item in enumerate(value)]
+    out: dict[str, Any] = {}
+    for key, item in value:
+        if key in out:
+            raise error(f"{what}: duplicate key {key!r} in the object at {json_path(path)}")
+        out[key] = _finish(item, [*path, key], depth + 1, what, error)
+    return out
+
+
+def _kind(value: Any) -> str:
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, str):
+        return "a string"
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    return "a number"
+
+
+def is_canonical(data: bytes | bytearray | memoryview) -> bool:
+    """Tell whether ``data`` is exactly the canonical encoding of a JSON object.
+
+    Example:
+        >>> is_canonical(b'{"a":1}'), is_canonical(b'{"a": 1}')
+        (True, False)
+    """
+    try:
+        parsed = parse_json_strict(data, what="JSON", max_bytes=len(bytes(data)))
+        return canonical_json(parsed) == bytes(data)
+    except HkstoreError:
+        return False

@@ -1,0 +1,76 @@
+"""The JSON Schemas in ``schemas/`` (shipped in the package): loading and validating.
+
+jsonschema costs ~150 ms to import, so it is imported on the first validation only, and each
+schema's validator is built once and cached. Commands that never read a document (``--help``,
+``keygen``) never pay for it.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from importlib import resources
+from typing import TYPE_CHECKING, Any
+
+from hkstore.errors import HkstoreError, ManifestError
+
+if TYPE_CHECKING:
+    from jsonschema import Draft202012Validator
+
+__all__ = ["MAX_LISTED_ERRORS", "load_schema", "validate"]
+
+#: Schema violations listed in one error message (the rest are counted).
+MAX_LISTED_ERRORS = 20
+
+
+@functools.cache
+def _schema_text(name: str) -> str:
+    return resources.files("hkstore").joinpath("schemas", name).read_text("utf-8")
+
+
+def load_schema(name: str) -> dict[str, Any]:
+    """Return a fresh copy of the schema ``schemas/<name>``, e.g. ``"manifest.v1.json"``."""
+    schema: dict[str, Any] = json.loads(_schema_text(name))
+    return schema
+
+
+@functools.cache
+def _validator(name: str) -> Draft202012Validator:
+    from jsonschema import Draft202012Validator
+
+    return Draft202012Validator(load_schema(name))
+
+
+def validate(
+    document: Any, *, schema: str, what: str, error: type[HkstoreError] = ManifestError
+) -> None:
+    """Validate ``document`` against ``schemas/<schema>`` (JSON Schema draft 2020-12).
+
+    Args:
+        document: the parsed JSON document.
+        schema: the schema's file name, e.g. ``"manifest.v1.json"``.
+        what: names the document in the error message.
+        error: the class raised.
+
+    Raises:
+        ManifestError: (or ``error``) listing every violation, sorted by JSON path, as
+            ``"<what>: schema: <path>: <reason>"`` (one) or a counted list (several).
+    """
+    found = sorted(
+        _validator(schema).iter_errors(document),
+        key=lambda e: ([(isinstance(p, str), p) for p in e.absolute_path], e.message),
+    )
+    if not found:
+        return
+    problems = [f"{e.json_path}: {_shorten(e.message)}" for e in found[:MAX_LISTED_ERRORS]]
+    if len(found) > MAX_LISTED_ERRORS:
+        problems.append(f"... and {len(found) - MAX_LISTED_ERRORS} more")
+    if len(problems) == 1:
+        raise error(f"{what}: schema: {problems[0]}")
+    listed = "".join(f"\n  - {p}" for p in problems)
+    raise error(f"{what}: schema: {len(found)} problems:{listed}")
+
+
+def _shorten(text: str, limit: int = 300) -> str:
+    # jsonschema quotes the offending value; a hostile document could make that megabytes.
+    return text if len(text) <= limit else text[: limit - 3] + "..."
