@@ -1,0 +1,463 @@
+"""HaikuModel: declearn's Haiku model wrapper (same API, same meaning), on today's JAX.
+
+This file stays whole past ~400 lines because it is one class, declearn's API surface (its
+public members plus the serialization hooks), mostly docstrings; the work it delegates lives in
+``_gradients`` (compiled steps), ``_batch``, ``_fit``, ``_trainable``, ``_device``, ``_vector``.
+"""
+
+from __future__ import annotations
+
+import functools
+import secrets
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+from hkstore.errors import DataInfoError, NotInitializedError, WeightsMismatchError
+from hkstore.model._batch import Batch, place_batch
+from hkstore.model._data_info import REQUIRED_FIELDS, validate_data_info
+from hkstore.model._device import (
+    DevicePolicy,
+    get_device_policy,
+    put_on,
+    select_device,
+    to_host,
+)
+from hkstore.model._fit import Spec, check_fit, spec_of
+from hkstore.model._gradients import (
+    Params,
+    StepFunctions,
+    check_max_norm,
+    named_leaves,
+    step_functions,
+)
+from hkstore.model._trainable import Criterion, select_trainable
+from hkstore.model._vector import JaxNumpyVector
+
+__all__ = ["HaikuModel"]
+
+
+@functools.partial(jax.jit, keep_unused=True)
+def _tree_add(params: Params, updates: Params) -> Params:
+    return jax.tree_util.tree_map(lambda p, u: p + u, params, updates)
+
+
+def _check_seed(seed: object) -> int:
+    if seed is None:
+        return secrets.randbelow(2**32)
+    if isinstance(seed, bool) or not isinstance(seed, int | np.integer):
+        raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
+    if not 0 <= int(seed) < 2**32:  # jax keys hold 32 bits (x64 off): larger seeds would collide
+        raise ValueError(f"seed must be in [0, 2**32), got {seed}")
+    return int(seed)
+
+
+class HaikuModel:
+    """A Haiku model with named weights, a trainable mask, gradients, updates and predictions.
+
+    Same constructor, methods and meaning as declearn's ``HaikuModel``; the differences (all
+    fixes) are listed in the project's docs.
+
+    Args:
+        model: the forward function ``model(*inputs) -> y_pred``, building haiku modules
+            (the wrapper applies ``hk.transform``).
+        loss: ``loss(y_pred, y_true) -> per-sample losses`` (prediction first).
+        seed: seed of the model's random key; ``None`` draws one (kept in ``_seed``).
+
+    Raises:
+        TypeError: ``model`` or ``loss`` is not callable, or ``seed`` is not an int.
+        ValueError: ``seed`` is outside ``[0, 2**32)``.
+
+    Example:
+        >>> import haiku as hk, jax.numpy as jnp, numpy as np
+        >>> def fwd(x): return hk.Linear(1, name="lin")(x)
+        >>> def mse(y_pred, y_true): return jnp.mean((y_pred - y_true) ** 2, axis=-1)
+        >>> model = HaikuModel(fwd, mse, seed=0)  # doctest: +SKIP
+        >>> model.initialize({"data_type": "float32", "features_shape": (3,)})  # doctest: +SKIP
+        >>> model.get_weight_names()  # doctest: +SKIP
+        ['lin:b', 'lin:w']
+    """
+
+    def __init__(
+        self,
+        model: Callable[..., Any],
+        loss: Callable[[Any, Any], Any],
+        seed: int | None = None,
+    ) -> None:
+        if not callable(model) or not callable(loss):
+            raise TypeError("HaikuModel needs a callable model function and a callable loss")
+        self._model_fn = model
+        self._loss_fn = loss
+        self._seed = _check_seed(seed)
+        self._policy = get_device_policy()
+        self._device = select_device(self._policy)
+        self._rng: jax.Array = jax.device_put(jax.random.key(self._seed), self._device)
+        self._params: Params | None = None
+        self._names: list[str] = []  # model order: haiku's sorted order
+        self._where: dict[str, tuple[str, str]] = {}  # name -> (module path, param name)
+        self._trainable: list[str] = []  # a subset of _names, in model order
+        self._losses: list[jax.Array] = []
+        self.data_info: dict[str, Any] = {}
+
+    # --- properties and data info -----------------------------------------------------
+
+    @property
+    def device_policy(self) -> DevicePolicy:
+        """The device policy this model enforces."""
+        return self._policy
+
+    @property
+    def required_data_info(self) -> set[str]:
+        """Fields :meth:`initialize` still needs (empty once initialized)."""
+        return set() if self._params is not None else set(REQUIRED_FIELDS)
+
+    def _functions(self) -> StepFunctions:
+        return step_functions(self._model_fn, self._loss_fn)
+
+    def _require_init(self, where: str) -> Params:
+        if self._params is None:
+            raise NotInitializedError(
+                f"{where}: the model has no weights yet; call initialize(data_info) first"
+            )
+        return self._params
+
+    def initialize(self, data_info: Mapping[str, Any]) -> None:
+        """Build the weights by running the model once on a zero batch; all become trainable.
+
+        The zero batch has shape ``(1, *features_shape)`` and dtype ``data_type`` and lives on
+        the model's device. A second call with the same data info does nothing.
+
+        Args:
+            data_info: needs ``data_type`` and ``features_shape`` (other fields are ignored).
+
+        Raises:
+            DataInfoError: a field is missing or bad (``None`` dimensions included), or the
+                model was already initialized with a different data info.
+        """
+        info = validate_data_info(data_info, REQUIRED_FIELDS)
+        info = {key: info[key] for key in sorted(REQUIRED_FIELDS)}
+        if self._params is not None:
+            if info == self.data_info:
+                return
+            diff = {k: (self.data_info[k], info[k]) for k in info if info[k] != self.data_info[k]}
+            raise DataInfoError(
+                "initialize: the model is already initialized with a different data info; "
+                + "; ".join(f"{k!r}: {old!r} before, {new!r} now" for k, (old, new) in diff.items())
+            )
+        zeros = np.zeros((1, *info["features_shape"]), dtype=info["data_type"])
+        rng, key = jax.random.split(self._rng)
+        params = self._functions().init(key, put_on(zeros, self._device))
+        self._set_params(params)
+        self._rng = rng
+        self._trainable = list(self._names)
+        self.data_info = info
+
+    def _set_params(self, params: Params) -> None:
+        names = named_leaves(params)
+        self._params = {module: dict(inner) for module, inner in params.items()}
+        self._names = list(names)
+        self._where = {
+            f"{module}:{param}": (module, param)
+            for module, inner in params.items()
+            for param in inner
+        }
+
+    # --- weights ----------------------------------------------------------------------
+
+    def get_weight_names(self, trainable: bool = False) -> list[str]:
+        """Return the weight names in model order (a new list): all, or the trainable ones."""
+        return list(self._trainable if trainable else self._names)
+
+    def _named(self, names: Sequence[str], where: str = "get_weights") -> dict[str, jax.Array]:
+        params = self._require_init(where)
+        return {name: params[self._where[name][0]][self._where[name][1]] for name in names}
+
+    def get_weights(self, trainable: bool = False) -> JaxNumpyVector:
+        """Return the weights (all, or the trainable ones) as a vector, in model order.
+
+        Raises:
+            NotInitializedError: before :meth:`initialize`.
+        """
+        return JaxNumpyVector(self._named(self._trainable if trainable else self._names))
+
+    def _checked_arrays(
+        self, vector: object, names: Sequence[str], where: str, given_as: str
+    ) -> dict[str, jax.Array]:
+        """Check ``vector`` against the weights ``names``; return its arrays on our device."""
+        self._require_init(where)
+        if not isinstance(vector, JaxNumpyVector):
+            raise TypeError(f"{where}: expected a JaxNumpyVector, got {type(vector).__name__}")
+        current = self._named(names, where)
+        expected: dict[str, Spec] = {name: spec_of(value) for name, value in current.items()}
+        given = {name: spec_of(value) for name, value in vector.coefs.items()}
+        check_fit(expected, given, where=where, given_as=given_as)
+        given_arrays: dict[str, Any] = {name: vector.coefs[name] for name in names}
+        return put_on(given_arrays, self._device)  # now all jax arrays, on our device
+
+    def _replaced(self, arrays: Mapping[str, jax.Array]) -> Params:
+        params = {module: dict(inner) for module, inner in self._require_init("weights").items()}
+        for name, value in arrays.items():
+            module, param = self._where[name]
+            params[module][param] = value
+        return params
+
+    def set_weights(self, weights: JaxNumpyVector, trainable: bool = False) -> None:
+        """Replace all the weights (or all the trainable ones).
+
+        numpy arrays are copied to jax arrays on the model's device; nothing changes unless
+        every name, shape and dtype fits.
+
+        Raises:
+            TypeError: ``weights`` is not a JaxNumpyVector.
+            WeightsMismatchError: names missing or unexpected, shapes or dtypes that differ
+                (a ``KeyError``; every mismatch is listed).
+            NotInitializedError: before :meth:`initialize`.
+        """
+        self._require_init("set_weights")
+        names = self._trainable if trainable else self._names
+        arrays = self._checked_arrays(weights, names, "set_weights", "weights")
+        self._params = self._replaced(arrays)
+
+    def apply_updates(self, updates: JaxNumpyVector) -> None:
+        """Add ``updates`` (one array per trainable weight) to the trainable weights.
+
+        Raises:
+            TypeError: ``updates`` is not a JaxNumpyVector.
+            WeightsMismatchError: names other than the trainable ones, or shapes or dtypes
+                that differ from the weights' (all listed; nothing is changed).
+            NotInitializedError: before :meth:`initialize`.
+        """
+        arrays = self._checked_arrays(updates, self._trainable, "apply_updates", "updates")
+        current = self._nest(self._named(self._trainable))
+        updated = named_leaves(_tree_add(current, self._nest(arrays)))
+        self._params = self._replaced(updated)
+
+    def _split(self) -> tuple[Params, Params]:
+        """Return the weights as two haiku trees: (trainable, frozen)."""
+        params = self._require_init("weights")
+        chosen = set(self._trainable)
+        trainable: Params = {}
+        frozen: Params = {}
+        for module, inner in params.items():
+            for param, value in inner.items():
+                side = trainable if f"{module}:{param}" in chosen else frozen
+                side.setdefault(module, {})[param] = value
+        return trainable, frozen
+
+    def _nest(self, flat: Mapping[str, jax.Array]) -> Params:
+        nested: Params = {}
+        for name, value in flat.items():
+            module, param = self._where[name]
+            nested.setdefault(module, {})[param] = value
+        return nested
+
+    def set_trainable_weights(self, criterion: Criterion) -> None:
+        """Choose which weights are trainable (the others are frozen).
+
+        Args:
+            criterion: a list of weight names; a dict ``{module: {param: ...}}`` (or
+                ``{module: [param, ...]}``); or any callable ``(module, param, value) -> bool``
+                (functions, ``functools.partial`` objects, callable instances).
+
+        Raises:
+            NotInitializedError: before :meth:`initialize` (a ``ValueError``).
+            WeightsMismatchError: names that are not weights of the model (a ``KeyError``
+                naming them all).
+            TypeError: ``criterion`` is none of the above.
+        """
+        self._require_init("set_trainable_weights")
+        self._trainable = select_trainable(
+            criterion, self._names, self._where, lambda name: self._named([name])[name]
+        )
+
+    # --- gradients, updates, predictions ----------------------------------------------
+
+    def compute_batch_gradients(
+        self, batch: Batch, max_norm: float | None = None
+    ) -> JaxNumpyVector:
+        """Return the gradients of the batch's mean loss w.r.t. the trainable weights.
+
+        The loss is ``mean(s_wght * loss(model(inputs), y_true))``. With ``max_norm``, each
+        sample's gradient is computed on a batch of one (with its own random key), scaled by
+        ``min(1, max_norm / ||g||)`` where ``||g||`` is its global L2 norm over all trainable
+        tensors (DP-SGD's rule), and the clipped gradients are averaged. The batch loss is
+        recorded (see :meth:`collect_training_losses`); the weights do not change.
+
+        Args:
+            batch: ``(inputs, y_true, s_wght)``.
+            max_norm: clipping bound (> 0), or ``None`` for no clipping.
+
+        Returns:
+            ``{name: gradient}`` for the trainable weights, in model order.
+
+        Raises:
+            NotInitializedError: before :meth:`initialize`.
+            TypeError: a malformed batch, or a non-number ``max_norm``.
+            ValueError: ``max_norm <= 0`` (or NaN), or batch arrays of different lengths.
+        """
+        self._require_init("compute_batch_gradients")
+        bound = None if max_norm is None else check_max_norm(max_norm)
+        inputs, y_true, s_wght = place_batch(batch, self._device, where="compute_batch_gradients")
+        trainable, frozen = self._split()
+        fns = self._functions()
+        if bound is None:
+            rng, loss, grads = fns.grads(trainable, frozen, self._rng, inputs, y_true, s_wght)
+        else:
+            rng, loss, grads = fns.clipped_grads(
+                trainable, frozen, self._rng, inputs, y_true, s_wght, bound
+            )
+        self._rng = rng
+        self._losses.append(loss)
+        labelled = named_leaves(grads)  # labels from the gradient tree itself
+        return JaxNumpyVector({name: labelled[name] for name in self._trainable})
+
+    def collect_training_losses(self) -> list[float]:
+        """Return the batch losses recorded since the last call, and forget them."""
+        losses, self._losses = self._losses, []
+        return [float(loss) for loss in losses]
+
+    def compute_batch_predictions(
+        self, batch: Batch
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """Run the model on a batch.
+
+        Returns:
+            ``(y_true, y_pred, s_wght)`` as numpy arrays (``s_wght`` may be ``None``).
+
+        Raises:
+            NotInitializedError: before :meth:`initialize`.
+            TypeError: a malformed batch, or ``y_true`` is None.
+        """
+        params = self._require_init("compute_batch_predictions")
+        if isinstance(batch, tuple | list) and len(batch) == 3 and batch[1] is None:
+            raise TypeError("compute_batch_predictions: the batch has no y_true (None)")
+        inputs, _, _ = place_batch(batch, self._device, where="compute_batch_predictions")
+        self._rng, y_pred = self._functions().predict(params, self._rng, inputs)
+        s_wght = None if batch[2] is None else np.asarray(batch[2])
+        return np.asarray(batch[1]), np.asarray(y_pred), s_wght
+
+    def loss_function(self, y_true: np.ndarray, y_pred: np.ndarray) -> np.ndarray:
+        """Return the per-sample losses as a 1-d numpy array (length 1 for a batch of one).
+
+        A loss that returns more than one value per sample is averaged over the extra axes,
+        as in training.
+        """
+        y_true_d, y_pred_d = put_on((np.asarray(y_true), np.asarray(y_pred)), self._device)
+        out = np.asarray(self._functions().loss(y_pred_d, y_true_d))
+        if out.ndim == 0:
+            return out.reshape(1)
+        if out.ndim > 1:
+            return out.reshape(out.shape[0], -1).mean(axis=1)
+        return out
+
+    # --- device -----------------------------------------------------------------------
+
+    def update_device_policy(self, policy: DevicePolicy | None = None) -> None:
+        """Move the model (weights and random state) to the device of ``policy``.
+
+        Works at any time, before or after anything was computed: the compiled functions
+        follow their arguments' device, so there is no cache to invalidate.
+
+        Args:
+            policy: the policy to enforce; ``None`` takes the current global policy.
+
+        Raises:
+            TypeError: ``policy`` is not a DevicePolicy.
+        """
+        policy = get_device_policy() if policy is None else policy
+        device = select_device(policy)
+        if self._params is not None:
+            self._params = jax.device_put(self._params, device)
+        self._rng = jax.device_put(self._rng, device)
+        self._policy, self._device = policy, device
+
+    # --- hooks for the serialization layer ---------------------------------------------
+
+    def _weight_specs(self) -> list[tuple[str, np.dtype, tuple[int, ...]]]:
+        """Return ``(name, dtype, shape)`` of every weight in model order (no transfer)."""
+        specs = []
+        for name, value in self._named(self._names).items():
+            shape, dtype = spec_of(value)
+            specs.append((name, dtype, shape))
+        return specs
+
+    def _host_weights(self) -> Iterator[tuple[str, np.ndarray]]:
+        """Yield ``(name, host array)`` in model order, moving ONE tensor at a time to host."""
+        self._require_init("_host_weights")
+        for name in list(self._names):
+            yield name, to_host(self._named([name])[name])
+
+    @classmethod
+    def _restore(
+        cls,
+        model_fn: Callable[..., Any],
+        loss_fn: Callable[[Any, Any], Any],
+        *,
+        seed: int | None,
+        data_info: Mapping[str, Any],
+        weights: Mapping[str, np.ndarray],
+        trainable: Sequence[str],
+    ) -> HaikuModel:
+        """Build an initialized model from stored weights, without running the model's init.
+
+        The expected names, shapes and dtypes come from ``jax.eval_shape`` of the init (no
+        compute, no random init). The arrays are placed on the policy's device as they are
+        (on CPU, jax may alias a suitably aligned numpy buffer: the caller hands over fresh,
+        owned buffers). The random state is the one :meth:`initialize` would leave.
+
+        Raises:
+            DataInfoError: bad data info.
+            WeightsMismatchError: weights missing, unexpected, or of another shape or dtype, or
+                trainable names that are not weights (all listed at once); or the model
+                function cannot even be initialized on the stored data info.
+        """
+        model = cls(model_fn, loss_fn, seed=seed)
+        info = validate_data_info(data_info, REQUIRED_FIELDS)
+        info = {key: info[key] for key in sorted(REQUIRED_FIELDS)}
+        rng, key = jax.random.split(model._rng)
+        zeros = jax.ShapeDtypeStruct((1, *info["features_shape"]), np.dtype(info["data_type"]))
+        try:
+            shapes = jax.eval_shape(model._functions().transformed.init, key, zeros)
+        except Exception as exc:  # the model function cannot take the stored data at all
+            raise WeightsMismatchError(
+                f"restore: the model function cannot be initialized on the stored data info "
+                f"(data_type {info['data_type']!r}, features_shape "
+                f"{list(info['features_shape'])}), so the stored weights cannot fit it "
+                f"({type(exc).__name__}: {exc})"
+            ) from exc
+        expected = {name: spec_of(value) for name, value in named_leaves(shapes).items()}
+        given = {name: spec_of(value) for name, value in weights.items()}
+        check_fit(expected, given, where="restore", given_as="stored weights")
+        unknown = [name for name in trainable if name not in expected]
+        if unknown:
+            raise WeightsMismatchError(
+                f"restore: {len(unknown)} trainable name(s) are not weights of the model: "
+                f"{', '.join(map(repr, unknown))}"
+            )
+        where = [(module, param) for module, inner in shapes.items() for param in inner]
+        arrays = [weights[f"{module}:{param}"] for module, param in where]
+        placed = jax.device_put(arrays, model._device)  # one batched transfer, no host copy
+        params: Params = {}
+        for (module, param), value in zip(where, placed, strict=True):
+            params.setdefault(module, {})[param] = value
+        model._set_params(params)
+        model._rng = rng
+        chosen = set(trainable)
+        model._trainable = [name for name in model._names if name in chosen]
+        model.data_info = info
+        return model
+
+    def get_config(self, **kwargs: Any) -> dict[str, Any]:
+        """Return the model's config (see ``hkstore.serialization.model_to_config``)."""
+        from hkstore.serialization import model_to_config
+
+        return model_to_config(self, **kwargs)
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any], **kwargs: Any) -> HaikuModel:
+        """Rebuild a model from :meth:`get_config`'s output (see ``model_from_config``)."""
+        from hkstore.serialization import model_from_config
+
+        return model_from_config(config, **kwargs)
