@@ -27,10 +27,44 @@ if TYPE_CHECKING:
     from hkstore.model import JaxNumpyVector as JaxNumpyVector
     from hkstore.model import get_device_policy as get_device_policy
     from hkstore.model import set_device_policy as set_device_policy
+    from hkstore.serialization import dumps as dumps
+    from hkstore.serialization import load as load
+    from hkstore.serialization import loads as loads
+    from hkstore.serialization import save as save
+    from hkstore.store import Archive as Archive
+    from hkstore.store import Ed25519Signer as Ed25519Signer
+    from hkstore.store import Ed25519Verifier as Ed25519Verifier
+    from hkstore.store import HmacKey as HmacKey
+    from hkstore.store import Limits as Limits
+    from hkstore.store import Manifest as Manifest
+    from hkstore.store import Trust as Trust
+    from hkstore.store import VerifyReport as VerifyReport
+    from hkstore.store import generate_ed25519_keypair as generate_ed25519_keypair
+    from hkstore.store import load_hmac_key as load_hmac_key
+    from hkstore.store import load_signer as load_signer
+    from hkstore.store import load_verifier as load_verifier
+    from hkstore.store import open_archive as open_archive
 
 # name -> module that defines it; resolved on first access so that `import hkstore` stays
 # free of jax (the storage layer and the CLI must run where jax is not installed).
 _LAZY: dict[str, str] = {
+    "save": "hkstore.serialization",
+    "load": "hkstore.serialization",
+    "dumps": "hkstore.serialization",
+    "loads": "hkstore.serialization",
+    "open_archive": "hkstore.store",
+    "Archive": "hkstore.store",
+    "VerifyReport": "hkstore.store",
+    "Manifest": "hkstore.store",
+    "Trust": "hkstore.store",
+    "Limits": "hkstore.store",
+    "Ed25519Signer": "hkstore.store",
+    "Ed25519Verifier": "hkstore.store",
+    "HmacKey": "hkstore.store",
+    "generate_ed25519_keypair": "hkstore.store",
+    "load_signer": "hkstore.store",
+    "load_verifier": "hkstore.store",
+    "load_hmac_key": "hkstore.store",
     "HaikuModel": "hkstore.model",
     "JaxNumpyVector": "hkstore.model",
     "DevicePolicy": "hkstore.model",

@@ -1,0 +1,90 @@
+"""The trust gate: the one path from stored function descriptions to callables.
+
+Archives and configs both describe the model and loss functions as a reference, a pickled
+member, or nothing. :func:`resolve_functions` turns those descriptions into callables only as
+far as the caller's :class:`~hkstore.store._trust.Trust` allows, in a fixed order: policy
+first, then signature, runtime and digest, and only then the import or the unpickling.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from hkstore.errors import ArchiveFormatError, RefusedCodeError
+from hkstore.store._functions import check_runtime, resolve_reference, unpickle_functions
+from hkstore.store._trust import Trust
+
+__all__ = ["ROLES", "resolve_functions"]
+
+#: The functions a model needs, in the order they are described.
+ROLES = ("model", "loss")
+
+
+def resolve_functions(
+    specs: Mapping[str, Mapping[str, Any]],
+    trust: Trust,
+    *,
+    roles: Sequence[str] = ROLES,
+    verified_key_id: Callable[[], str | None],
+    pickle_record: Mapping[str, Any] | None,
+    read_pickle: Callable[[], bytes],
+    max_pickle_bytes: int,
+    where: str,
+) -> dict[str, Callable[..., Any] | None]:
+    """Return the callables for ``roles`` that ``specs`` describe, if ``trust`` allows them.
+
+    Args:
+        specs: ``{"model": spec, "loss": spec}``; a spec is ``{"kind": "reference", "ref":
+            "pkg.mod:name", "kwargs": {...}}``, ``{"kind": "pickle"}`` or ``{"kind": "none"}``.
+        trust: the caller's policy.
+        roles: which functions the caller needs (others are not imported or unpickled,
+            except that a pickle holds all pickled functions and is unpickled whole).
+        verified_key_id: verifies the signature with ``trust``'s keys and returns the key
+            id (``None`` when unsigned / not checked); called before any code is touched.
+        pickle_record: the ``pickle`` record (writer Python version, sizes) or ``None``.
+        read_pickle: returns the blob after checking its size and SHA-256 digest.
+        max_pickle_bytes: cap on the decompressed blob.
+        where: names the source in error messages ("archive", "config").
+
+    Returns:
+        ``{role: callable or None}`` for each requested role (``None`` for kind ``"none"``).
+
+    Raises:
+        RefusedCodeError: the policy refuses a reference or the pickle.
+        RuntimeMismatchError: the pickle was written by another Python.
+        SignatureError, UntrustedKeyError, DigestMismatchError: checks before unpickling.
+        ArchiveFormatError: the description is inconsistent.
+    """
+    wanted = {role: specs[role] for role in roles if role in specs}
+    key_id = verified_key_id()  # a bad signature fails here, before anything else
+    out: dict[str, Callable[..., Any] | None] = {}
+    if any(spec["kind"] == "pickle" for spec in wanted.values()):
+        if not trust.allow_pickle:
+            raise RefusedCodeError(
+                f"{where}: the functions are pickled and the trust policy does not allow "
+                "unpickling; pass model=/loss= yourself, or use "
+                "Trust(allow_pickle=True, keys=[the signer's public key])"
+            )
+        trust.check_pickle_allowed(key_id)
+        if pickle_record is None:
+            raise ArchiveFormatError(f"{where}: a function is pickled but no pickle is recorded")
+        if not trust.allow_python_mismatch:
+            check_runtime(pickle_record["python"], pickle_record["python_implementation"])
+        blob = read_pickle()
+        pickled = unpickle_functions(
+            blob, raw_size=pickle_record["raw_size"], cap=max_pickle_bytes
+        )
+    else:
+        pickled = {}
+    for role, spec in wanted.items():
+        kind = spec["kind"]
+        if kind == "none":
+            out[role] = None
+        elif kind == "reference":
+            out[role] = resolve_reference(spec, allowed_modules=trust.modules)
+        elif role in pickled:
+            out[role] = pickled[role]
+        else:
+            raise ArchiveFormatError(f"{where}: the pickle has no {role!r} function")
+    return out
