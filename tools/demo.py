@@ -1,19 +1,31 @@
-"""hkstore demo: train a small MLP with a frozen first layer, with per-sample clipped gradients.
+"""hkstore demo: train, save signed, reload elsewhere, and refuse code nobody vouched for.
 
-Run: ``XLA_FLAGS=--xla_force_host_platform_device_count=2 .venv/bin/python tools/demo.py``
-(``make demo`` does this). Each step is a function so that later steps (save, load...) can be
-added to :func:`main`.
+1. Train a small MLP with a frozen first layer on per-sample clipped gradients.
+2. Save it signed (Ed25519), weights only; reload it on the other (virtual) device with the
+   default trust policy (nothing imported or unpickled): mask and data info restored.
+3. Save a model whose loss is a closure as a signed pickle; loading it is refused without
+   trust and accepted with the signer's public key.
+
+Run: ``make demo`` (or ``.venv/bin/python tools/demo.py``; two virtual CPU devices are set up
+below when no accelerator is configured).
 """
 
 from __future__ import annotations
 
+import os
 import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
 
 import haiku as hk
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+import hkstore
 from hkstore.model import HaikuModel, set_device_policy
 
 FEATURES = 8
@@ -96,6 +108,63 @@ def check_frozen(model: HaikuModel, before: dict[str, np.ndarray]) -> None:
         raise SystemExit("frozen weights changed")
 
 
+def save_and_reload(model: HaikuModel, folder: Path) -> HaikuModel:
+    """Save signed (weights only), reload on the last device with the default trust policy."""
+    key_id = hkstore.generate_ed25519_keypair(folder / "server")
+    signer = hkstore.load_signer(folder / "server.key")
+    path = folder / "round-1.hkz"
+    hkstore.save(model, path, functions="none", signer=signer, metadata={"round": 1})
+    print(f"saved {path.name}: {path.stat().st_size} bytes, signed by {key_id}")
+    devices = jax.devices()
+    set_device_policy(gpu=devices[0].platform == "gpu", idx=len(devices) - 1)
+    trust = hkstore.Trust(keys=[folder / "server.pub"], require_signature=True)
+    again = hkstore.load(path, model=mlp, loss=xent_loss, trust=trust)
+    weights_equal = again.get_weights() == model.get_weights()
+    where = {arr.device for arr in again.get_weights().coefs.values()}
+    print(f"reloaded on {sorted(map(str, where))}: weights equal {weights_equal}")
+    same_mask = again.get_weight_names(trainable=True) == model.get_weight_names(trainable=True)
+    print(f"  trainable restored: {same_mask}")
+    print(f"  data info restored: {again.data_info}")
+    if not weights_equal:
+        raise SystemExit("reloaded weights differ")
+    return again
+
+
+def make_smoothed_loss(smoothing: float) -> Callable[[jax.Array, jax.Array], jax.Array]:
+    """Return a label-smoothed cross-entropy: a closure, which only a pickle can carry."""
+
+    def loss(y_pred: jax.Array, y_true: jax.Array) -> jax.Array:
+        logp = jax.nn.log_softmax(y_pred)
+        target = jax.nn.one_hot(y_true, CLASSES) * (1 - smoothing) + smoothing / CLASSES
+        return -jnp.sum(target * logp, axis=-1)
+
+    return loss
+
+
+def pickled_closure(model: HaikuModel, folder: Path) -> None:
+    """A signed pickle of a closure: refused without trust, accepted with the signer's key."""
+    closure_model = HaikuModel(mlp, make_smoothed_loss(0.1), seed=1)
+    closure_model.initialize(model.data_info)
+    closure_model.set_weights(model.get_weights())
+    signer = hkstore.load_signer(folder / "server.key")
+    blob = hkstore.dumps(closure_model, functions="pickle", signer=signer)
+    print(f"pickled-closure archive: {len(blob)} bytes")
+    try:
+        hkstore.loads(blob)
+    except hkstore.HkstoreError as exc:
+        print(f"  default trust -> refused ({type(exc).__name__}): {str(exc)[:90]}...")
+    else:
+        raise SystemExit("an unsigned-by-trusted-key pickle was accepted")
+    trust = hkstore.Trust(allow_pickle=True, keys=[folder / "server.pub"])
+    accepted = hkstore.loads(blob, trust=trust)
+    x, y = make_data(8, seed=1)
+    same = np.allclose(
+        accepted.loss_function(y, accepted.compute_batch_predictions((x, y, None))[1]),
+        closure_model.loss_function(y, closure_model.compute_batch_predictions((x, y, None))[1]),
+    )
+    print(f"  trusted signer's key -> accepted; closure computes the same loss: {same}")
+
+
 def main() -> int:
     """Run the demo; return the exit status."""
     print(f"device: {choose_device()}")
@@ -106,6 +175,9 @@ def main() -> int:
     history = train(model, x, y)
     check_frozen(model, before)
     print(f"loss went from {history[0]:.4f} to {history[-1]:.4f}")
+    with tempfile.TemporaryDirectory() as tmp:
+        save_and_reload(model, Path(tmp))
+        pickled_closure(model, Path(tmp))
     return 0 if history[-1] < history[0] else 1
 
 
