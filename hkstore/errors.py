@@ -33,6 +33,7 @@ __all__ = [
     "SignatureError",
     "TrustPolicyError",
     "UnsafeTrustWarning",
+    "UnsupportedContainerVersionError",
     "UnsupportedDtypeError",
     "UnsupportedVersionError",
     "UntrustedKeyError",
@@ -66,6 +67,10 @@ class WeightsFormatError(ArchiveFormatError):
 
 class UnsupportedVersionError(ArchiveFormatError):
     """The archive declares a format version this reader does not implement."""
+
+
+class UnsupportedContainerVersionError(ContainerError, UnsupportedVersionError):
+    """The container's end-record magic names a later container version (``hkstore/2``...)."""
 
 
 class LimitExceededError(ArchiveFormatError):

@@ -21,7 +21,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from hkstore.errors import ContainerError, LimitExceededError
+from hkstore.errors import (
+    ContainerError,
+    LimitExceededError,
+    UnsupportedContainerVersionError,
+)
 from hkstore.store._container import (
     ARCHIVE_COMMENT,
     MEMBER_NAMES,
@@ -381,7 +385,8 @@ def test_refuses_empty_and_random_files() -> None:
 
 def test_refuses_wrong_comment_and_plain_zips() -> None:
     data = write_archive()
-    refused(data[: -len(ARCHIVE_COMMENT)] + b"hkstore/2", "comment b'hkstore/1'")
+    refused(data[: -len(ARCHIVE_COMMENT)] + b"hkstore/X", "comment b'hkstore/1'")
+    refused(data[: -len(ARCHIVE_COMMENT)] + b"hkstore/2", "container magic 'hkstore/2'")
     out = io.BytesIO()
     with zipfile.ZipFile(out, "w") as zf:
         zf.writestr("manifest.json", MANIFEST)
@@ -722,3 +727,14 @@ def test_fuzz_mutations_of_a_valid_container_only_raise_container_errors(
         assert isinstance(info, MemberInfo)
         assert 0 <= info.header_offset < info.data_offset <= info.data_offset + info.size
         assert info.data_offset + info.size <= len(data)
+
+
+def test_read_container_rejects_a_future_container_version_as_unsupported() -> None:
+    buffer = io.BytesIO()
+    writer = ContainerWriter(buffer)
+    writer.add_member("manifest.json", b"{}")
+    writer.close()
+    data = buffer.getvalue()
+    assert data.endswith(b"hkstore/1")
+    with pytest.raises(UnsupportedContainerVersionError, match=r"container magic 'hkstore/2'"):
+        read_container(data[:-1] + b"2")

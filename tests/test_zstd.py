@@ -65,7 +65,9 @@ def _rle_blocks(total: int) -> list[bytes]:
 def test_hand_built_frames_are_real_zstd() -> None:
     frame = _frame([_raw(b"hello ", last=False), _rle(ord("!"), 3)], content_size=9)
     assert zstandard.ZstdDecompressor().decompress(frame) == b"hello !!!"
-    assert decompress_bounded(frame, declared_size=9, cap=100, what="m") == b"hello !!!"
+    # hand-built frames carry no checksum, which v1 requires: decoded, then refused
+    with pytest.raises(ArchiveFormatError, match="no content checksum"):
+        decompress_bounded(frame, declared_size=9, cap=100, what="m")
 
 
 # --- round trips ----------------------------------------------------------------------------
@@ -303,3 +305,10 @@ def test_bounded_reader_checks_the_frame_first() -> None:
         )
     with pytest.raises(ArchiveFormatError, match="trailing data"):
         BoundedReader(compress(b"abc") + b"x", declared_size=3, cap=10, what="m")
+
+
+def test_decompress_bounded_rejects_a_frame_without_checksum() -> None:
+    data = b"hkstore" * 100
+    frame = zstandard.ZstdCompressor(write_checksum=False, write_content_size=True).compress(data)
+    with pytest.raises(ArchiveFormatError, match="no content checksum"):
+        decompress_bounded(frame, declared_size=len(data), cap=1 << 20, what="member 'x'")

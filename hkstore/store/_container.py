@@ -37,7 +37,11 @@ if TYPE_CHECKING:
 
     from hkstore.store._crc32 import BytesLike
 
-from hkstore.errors import ContainerError, LimitExceededError
+from hkstore.errors import (
+    ContainerError,
+    LimitExceededError,
+    UnsupportedContainerVersionError,
+)
 from hkstore.store._crc32 import CRC32_IMPLEMENTATION, crc32, crc32_combine
 from hkstore.store._limits import DEFAULT_LIMITS, Limits
 
@@ -504,6 +508,17 @@ class _Reader:
         eocd_offset = self._size - _EOCD.size - len(ARCHIVE_COMMENT)
         tail = bytes(self._buf[max(eocd_offset, 0) :])
         expected_tail = _EOCD.size + len(ARCHIVE_COMMENT)
+        if (
+            eocd_offset >= 0
+            and struct.unpack_from("<I", tail)[0] == _SIG_EOCD
+            and tail[_EOCD.size : _EOCD.size + 8] == ARCHIVE_COMMENT[:8]
+            and tail[_EOCD.size :] != ARCHIVE_COMMENT
+            and tail[_EOCD.size + 8 :].isdigit()
+        ):
+            raise UnsupportedContainerVersionError(
+                f"container magic {tail[_EOCD.size:].decode('ascii')!r}: this reader "
+                f"implements {ARCHIVE_COMMENT.decode('ascii')!r} only; upgrade hkstore"
+            )
         if (
             eocd_offset < 0
             or _U16.unpack_from(tail, _EOCD.size - 2)[0] != len(ARCHIVE_COMMENT)

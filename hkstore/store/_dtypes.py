@@ -54,6 +54,8 @@ DTYPES: dict[str, DtypeInfo] = {
         _row("F8_E4M3", ml_dtypes.float8_e4m3fn),
         _row("F8_E5M2", ml_dtypes.float8_e5m2),
         _row("F8_E8M0", ml_dtypes.float8_e8m0fnu),
+        _row("F8_E4M3FNUZ", ml_dtypes.float8_e4m3fnuz),
+        _row("F8_E5M2FNUZ", ml_dtypes.float8_e5m2fnuz),
     )
 }
 

@@ -261,6 +261,10 @@ def decompress_bounded(
         raise ArchiveFormatError(
             f"{what}: zstd frame decompressed to {len(out)} bytes; {declared_size} declared"
         )
+    if not zstandard.get_frame_parameters(view).has_checksum:
+        raise ArchiveFormatError(
+            f"{what}: zstd frame has no content checksum; v1 frames must carry one"
+        )
     return out
 
 
