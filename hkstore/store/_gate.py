@@ -13,6 +13,7 @@ from typing import Any
 
 from hkstore.errors import ArchiveFormatError, RefusedCodeError
 from hkstore.store._functions import check_runtime, resolve_reference, unpickle_functions
+from hkstore.store._limits import DEFAULT_LIMITS
 from hkstore.store._trust import Trust
 
 __all__ = ["ROLES", "resolve_functions"]
@@ -30,6 +31,7 @@ def resolve_functions(
     pickle_record: Mapping[str, Any] | None,
     read_pickle: Callable[[], bytes],
     max_pickle_bytes: int,
+    max_window: int = DEFAULT_LIMITS.max_zstd_window_bytes,
     where: str,
 ) -> dict[str, Callable[..., Any] | None]:
     """Return the callables for ``roles`` that ``specs`` describe, if ``trust`` allows them.
@@ -45,6 +47,7 @@ def resolve_functions(
         pickle_record: the ``pickle`` record (writer Python version, sizes) or ``None``.
         read_pickle: returns the blob after checking its size and SHA-256 digest.
         max_pickle_bytes: cap on the decompressed blob.
+        max_window: cap on the blob's zstd window.
         where: names the source in error messages ("archive", "config").
 
     Returns:
@@ -73,7 +76,7 @@ def resolve_functions(
             check_runtime(pickle_record["python"], pickle_record["python_implementation"])
         blob = read_pickle()
         pickled = unpickle_functions(
-            blob, raw_size=pickle_record["raw_size"], cap=max_pickle_bytes
+            blob, raw_size=pickle_record["raw_size"], cap=max_pickle_bytes, max_window=max_window
         )
     else:
         pickled = {}

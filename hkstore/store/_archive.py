@@ -1,0 +1,586 @@
+"""The archive: write an hkstore v1 file in one streaming pass; read it lazily behind one gate.
+
+Writing follows the format's layout: weights member (streamed tensor by tensor), the optional
+function blob, the canonical manifest that digests both, the optional signature over it.
+Reading parses the container once (the one strict parser), decodes the manifest, cross-checks
+the safetensors header against it, and only then hands out tensors, digests, signature state
+or — through :meth:`Archive.functions` and the caller's :class:`Trust` — code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import mmap
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, BinaryIO
+
+from hkstore.errors import (
+    ContainerError,
+    DigestMismatchError,
+    SignatureError,
+    WeightsFormatError,
+)
+from hkstore.store import _zstd
+from hkstore.store._container import ContainerWriter, MemberInfo, read_container
+from hkstore.store._functions import pickle_runtime
+from hkstore.store._gate import ROLES, resolve_functions
+from hkstore.store._limits import DEFAULT_LIMITS, Limits
+from hkstore.store._manifest import Manifest, decode_manifest, encode_manifest
+from hkstore.store._signing import (
+    Signer,
+    read_signature_document,
+    sign_manifest,
+    verify_manifest_signature,
+)
+from hkstore.store._trust import Trust
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from hkstore.store._weights import TensorEntry, TensorSpec, WeightsReader
+
+# numpy and the weights codec are imported where tensors are written or read, so that
+# opening an archive for its manifest (`hkstore inspect`) does not pay for them (~90 ms).
+
+__all__ = ["Archive", "ArchiveContent", "VerifyReport", "open_archive", "write_archive"]
+
+MANIFEST = "manifest.json"
+SIGNATURE = "signature.json"
+WEIGHTS = "weights.safetensors"
+WEIGHTS_ZST = "weights.safetensors.zst"
+FUNCTIONS = "functions.pkl.zst"
+
+
+@dataclass
+class ArchiveContent:
+    """Everything an archive stores, as plain data (no jax): what :func:`write_archive` takes.
+
+    Attributes:
+        specs: the tensors in model order (name, safetensors dtype code, shape).
+        fetch: returns one tensor's host array by name; called once per tensor, in order.
+        trainable: trainable tensor names, in model order.
+        data_info: the model's data info (JSON-safe).
+        seed: the model's seed, or ``None``.
+        functions: ``{"model": spec, "loss": spec}`` (see the manifest's ``functions``).
+        pickle_blob: the zstd-compressed cloudpickle blob, when a function is pickled.
+        pickle_raw_size: the blob's decompressed size.
+        metadata: free user metadata (JSON-safe).
+        writer: extra writer versions (jax, haiku, cloudpickle).
+    """
+
+    specs: Sequence[TensorSpec]
+    fetch: Callable[[str], np.ndarray]
+    trainable: Sequence[str]
+    data_info: Mapping[str, Any]
+    seed: int | None
+    functions: Mapping[str, Mapping[str, Any]]
+    pickle_blob: bytes | None = None
+    pickle_raw_size: int = 0
+    metadata: Mapping[str, Any] = field(default_factory=dict)
+    writer: Mapping[str, str] = field(default_factory=dict)
+
+
+def write_archive(
+    fileobj: BinaryIO,
+    content: ArchiveContent,
+    *,
+    signer: Signer | None = None,
+    compression: str | None = None,
+) -> Manifest:
+    """Write a complete archive to the seekable binary ``fileobj`` (at position 0).
+
+    Args:
+        fileobj: destination (a temp file from ``atomic_write`` or an ``io.BytesIO``).
+        content: what to store.
+        signer: signs the canonical manifest when given (``signature.json``).
+        compression: ``None`` (weights stored raw, memory-mappable) or ``"zstd"``.
+
+    Returns:
+        The manifest written.
+
+    Raises:
+        UnsupportedDtypeError, WeightsMismatchError: a fetched tensor disagrees with its spec.
+        ValueError: ``compression`` is not ``None`` or ``"zstd"``.
+    """
+    from hkstore.store._weights import write_weights
+
+    if compression not in (None, "zstd"):
+        raise ValueError(f"compression: expected None or 'zstd', got {compression!r}")
+    writer = ContainerWriter(fileobj)
+    if compression is None:
+        stream = writer.begin_member(WEIGHTS, align=64, compute_crc=False)
+        written = write_weights(stream, content.specs, content.fetch)
+        info = stream.finish(crc32=written.crc32)
+        weights_record: dict[str, Any] = {
+            "member": WEIGHTS,
+            "size": info.size,
+            "header_sha256": written.header_sha256,
+            "compression": None,
+        }
+    else:
+        weights_record, written = _write_compressed_weights(writer, content)
+    pickle_record = None
+    if content.pickle_blob is not None:
+        writer.add_member(FUNCTIONS, content.pickle_blob)
+        pickle_record = {
+            "member": FUNCTIONS,
+            "size": len(content.pickle_blob),
+            "sha256": hashlib.sha256(content.pickle_blob).hexdigest(),
+            "raw_size": content.pickle_raw_size,
+            **pickle_runtime(),
+        }
+    manifest = Manifest.build(
+        writer=dict(content.writer),
+        data_info=dict(content.data_info),
+        seed=content.seed,
+        tensors=[
+            {"name": s.name, "dtype": s.dtype, "shape": list(s.shape),
+             "sha256": written.tensor_sha256[s.name]}
+            for s in content.specs
+        ],
+        trainable=list(content.trainable),
+        functions={k: dict(v) for k, v in content.functions.items()},
+        weights=weights_record,
+        pickle=pickle_record,
+        metadata=dict(content.metadata),
+    )
+    manifest_bytes = encode_manifest(manifest)
+    writer.add_member(MANIFEST, manifest_bytes)
+    if signer is not None:
+        writer.add_member(SIGNATURE, sign_manifest(manifest_bytes, signer))
+    writer.close()
+    return manifest
+
+
+def _write_compressed_weights(
+    writer: ContainerWriter, content: ArchiveContent
+) -> tuple[dict[str, Any], Any]:
+    import numpy as np
+
+    from hkstore.store._weights import encode_header, write_weights
+
+    header = encode_header(content.specs)
+    raw_size = len(header) + sum(
+        int(np.prod(s.shape, dtype=np.int64)) * _itemsize(s.dtype) for s in content.specs
+    )
+    stream = writer.begin_member(WEIGHTS_ZST, align=1)
+    compressor = _zstd.stream_writer(stream, raw_size=raw_size)
+    written = write_weights(compressor, content.specs, content.fetch)
+    frame = compressor.finish()
+    stream.finish()
+    record = {
+        "member": WEIGHTS_ZST,
+        "size": frame.size,
+        "sha256": frame.sha256,
+        "raw_size": raw_size,
+        "header_sha256": written.header_sha256,
+        "compression": "zstd",
+    }
+    return record, written
+
+
+def _itemsize(code: str) -> int:
+    from hkstore.store._dtypes import dtype_for_code
+
+    return dtype_for_code(code).itemsize
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    """What :meth:`Archive.verify` checked.
+
+    Attributes:
+        tensors: number of tensor digests checked.
+        members: member names whose digest or structure was checked.
+        signed_by: key id of the verified signature, or ``None`` when unsigned or no key given.
+        signature_key_id: the key id the archive claims (verified or not), or ``None``.
+    """
+
+    tensors: int
+    members: tuple[str, ...]
+    signed_by: str | None
+    signature_key_id: str | None
+
+
+class Archive:
+    """An open hkstore archive: manifest and structure checked, tensors read on demand.
+
+    Use :func:`open_archive` to make one; close it (or use ``with``) to release the file.
+    """
+
+    def __init__(self, source: str | os.PathLike[str] | bytes | bytearray | memoryview,
+                 *, limits: Limits = DEFAULT_LIMITS) -> None:
+        self.limits = limits
+        self._file: BinaryIO | None = None
+        self._mmap: mmap.mmap | None = None
+        self._fd: int | None = None
+        buf: bytes | bytearray | memoryview | mmap.mmap
+        if isinstance(source, (bytes, bytearray, memoryview)):
+            buf = source
+            self.path: Path | None = None
+        else:
+            self.path = Path(source)
+            try:
+                self._file = open(self.path, "rb")
+            except OSError as exc:
+                raise ContainerError(f"{self.path}: cannot open archive: {exc.strerror}") from exc
+            size = os.fstat(self._file.fileno()).st_size
+            if size == 0:
+                self.close()
+                raise ContainerError(f"{self.path}: empty file, not an hkstore archive")
+            self._mmap = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ)
+            self._fd = self._file.fileno()
+            buf = self._mmap
+        self._buf = buf
+        try:
+            self.members: dict[str, MemberInfo] = read_container(buf, limits)
+            self.manifest_bytes = self._member_bytes(MANIFEST)
+            self.manifest: Manifest = decode_manifest(self.manifest_bytes, limits)
+            self._check_members_against_manifest()
+            if SIGNATURE in self.members:  # malformed signature.json fails at open, keys or not
+                read_signature_document(self._member_bytes(SIGNATURE), limits)
+            self._weights: WeightsReader | None = None
+        except BaseException:
+            self.close()
+            raise
+
+    # -- structure ----------------------------------------------------------------------
+
+    def _member_bytes(self, name: str) -> bytes:
+        info = self.members[name]
+        return bytes(self._buf[info.data_offset : info.data_offset + info.size])
+
+    def _check_members_against_manifest(self) -> None:
+        m = self.manifest
+        expected = {MANIFEST, m.weights.member}
+        if m.pickle is not None:
+            expected.add(FUNCTIONS)
+        present = set(self.members) - {SIGNATURE}
+        problems = []
+        for name in sorted(expected - present):
+            problems.append(f"member {name!r} is listed in the manifest but missing")
+        for name in sorted(present - expected):
+            problems.append(f"member {name!r} is present but not listed in the manifest")
+        weights = self.members.get(m.weights.member)
+        if weights is not None and weights.size != m.weights.size:
+            problems.append(
+                f"member {m.weights.member!r}: size {weights.size} in the container, "
+                f"{m.weights.size} in the manifest"
+            )
+        if m.pickle is not None and FUNCTIONS in self.members:
+            if self.members[FUNCTIONS].size != m.pickle.size:
+                problems.append(
+                    f"member {FUNCTIONS!r}: size {self.members[FUNCTIONS].size} in the "
+                    f"container, {m.pickle.size} in the manifest"
+                )
+        if problems:
+            raise ContainerError("; ".join(problems))
+
+    def _weights_reader(self) -> WeightsReader:
+        from hkstore.store._weights import WeightsReader
+
+        if self._weights is None:
+            record = self.manifest.weights
+            info = self.members[record.member]
+            if record.compression == "zstd":
+                frame = self._member_bytes(record.member)
+                actual = hashlib.sha256(frame).hexdigest()
+                if actual != record.sha256:
+                    raise DigestMismatchError(
+                        f"member {record.member!r}: sha256 {actual}, manifest says "
+                        f"{record.sha256}"
+                    )
+                raw = _zstd.decompress_bounded(
+                    frame,
+                    declared_size=record.raw_size or 0,
+                    cap=self.limits.max_member_bytes,
+                    what=f"member {record.member!r}",
+                    max_window=self.limits.max_zstd_window_bytes,
+                )
+                reader = WeightsReader(raw, 0, len(raw), self.limits)
+            elif self._fd is not None:
+                reader = WeightsReader(self._fd, info.data_offset, info.size, self.limits)
+            else:
+                reader = WeightsReader(self._buf, info.data_offset, info.size, self.limits)
+            self._check_header(reader)
+            self._weights = reader
+        return self._weights
+
+    def _check_header(self, reader: WeightsReader) -> None:
+        record = self.manifest.weights
+        if reader.header_sha256 != record.header_sha256:
+            raise DigestMismatchError(
+                f"member {record.member!r}: safetensors header sha256 "
+                f"{reader.header_sha256}, manifest says {record.header_sha256}"
+            )
+        problems = []
+        declared = {t.name: t for t in self.manifest.tensors}
+        for name in sorted(set(declared) - set(reader.entries)):
+            problems.append(f"tensor {name!r} is in the manifest but not in the weights member")
+        for name in sorted(set(reader.entries) - set(declared)):
+            problems.append(f"tensor {name!r} is in the weights member but not in the manifest")
+        for name, entry in reader.entries.items():
+            want = declared.get(name)
+            if want is None:
+                continue
+            if entry.dtype != want.dtype or tuple(entry.shape) != tuple(want.shape):
+                problems.append(
+                    f"tensor {name!r}: weights member has {entry.dtype}{list(entry.shape)}, "
+                    f"manifest has {want.dtype}{list(want.shape)}"
+                )
+        if problems:
+            raise WeightsFormatError(
+                f"weights member disagrees with the manifest ({len(problems)} problem(s)): "
+                + "; ".join(problems)
+            )
+
+    # -- lazy access --------------------------------------------------------------------
+
+    def names(self) -> list[str]:
+        """Return the tensor names, in model order."""
+        return [t.name for t in self.manifest.tensors]
+
+    def trainable_names(self) -> list[str]:
+        """Return the trainable tensor names, in model order."""
+        return list(self.manifest.trainable)
+
+    def tensor_entries(self) -> dict[str, TensorEntry]:
+        """Return the safetensors header entries (checked against the manifest)."""
+        return dict(self._weights_reader().entries)
+
+    def tensor(self, name: str, *, verify: bool = True) -> np.ndarray:
+        """Read one tensor (only its bytes), checking its digest unless ``verify=False``.
+
+        Raises:
+            KeyError: ``name`` is not in the archive.
+            DigestMismatchError: the tensor's bytes do not match the manifest.
+        """
+        digests = self._tensor_digests()
+        if name not in digests:
+            raise KeyError(f"tensor {name!r} is not in the archive")
+        reader = self._weights_reader()
+        return reader.tensor(name, expected_sha256=digests[name] if verify else None)
+
+    def read_weights(self, *, verify: bool = True) -> dict[str, np.ndarray]:
+        """Read every tensor into fresh 64-byte-aligned buffers, digests checked by default."""
+        reader = self._weights_reader()
+        return reader.read_all(self._tensor_digests() if verify else None)
+
+    def _tensor_digests(self) -> dict[str, str]:
+        return dict(self.manifest.digests)
+
+    # -- signature and trust -------------------------------------------------------------
+
+    @property
+    def signature_key_id(self) -> str | None:
+        """The key id the signature claims (unverified), or ``None`` when unsigned."""
+        if SIGNATURE not in self.members:
+            return None
+        return read_signature_document(self._member_bytes(SIGNATURE), self.limits).key_id
+
+    def check_signature(self, trust: Trust) -> str | None:
+        """Verify the signature with the caller's keys; return the verifying key id or ``None``.
+
+        ``None`` means: unsigned, or signed but the caller gave no keys and does not require a
+        signature (the signature is then not checked at all).
+
+        Raises:
+            SignatureError: a signature is required but absent, or it does not verify.
+            UntrustedKeyError: the caller gave keys and none of them made the signature.
+        """
+        if SIGNATURE not in self.members:
+            if trust.require_signature:
+                raise SignatureError(
+                    "archive is unsigned, but the trust policy requires a signature"
+                )
+            return None
+        if not trust.verifiers:
+            if trust.require_signature:
+                raise SignatureError(
+                    "the trust policy requires a signature but lists no keys to verify it with"
+                )
+            return None
+        return verify_manifest_signature(
+            self._member_bytes(SIGNATURE), self.manifest_bytes, trust.verifiers,
+            limits=self.limits,
+        )
+
+    def verify(self, trust: Trust | None = None) -> VerifyReport:
+        """Check everything: structure, manifest schema, every digest, and the signature.
+
+        The function blob, when there is one, is checked like the weights: digest, then its
+        zstd frame (declared sizes, limits, checksum) by a bounded decompression. It is never
+        unpickled.
+
+        Args:
+            trust: keys to check the signature with; ``None`` checks digests only.
+
+        Returns:
+            A :class:`VerifyReport`.
+
+        Raises:
+            DigestMismatchError, SignatureError, UntrustedKeyError, ArchiveFormatError,
+            LimitExceededError.
+        """
+        trust = trust or Trust()
+        signed_by = self.check_signature(trust)
+        self.read_weights(verify=True)  # header cross-check + every tensor digest
+        checked = [MANIFEST, self.manifest.weights.member]
+        if self.manifest.pickle is not None:
+            # digest, then the frame's declared sizes and checksum (bounded); never unpickled
+            _zstd.decompress_bounded(
+                self._pickle_frame(),
+                declared_size=self.manifest.pickle.raw_size,
+                cap=self.limits.max_functions_bytes,
+                what=FUNCTIONS,
+                max_window=self.limits.max_zstd_window_bytes,
+            )
+            checked.append(FUNCTIONS)
+        if SIGNATURE in self.members:
+            checked.append(SIGNATURE)
+        return VerifyReport(
+            tensors=len(self.manifest.tensors),
+            members=tuple(checked),
+            signed_by=signed_by,
+            signature_key_id=self.signature_key_id,
+        )
+
+    def pickle_globals(self) -> list[str]:
+        """List the globals the function pickle would import, statically; never unpickles.
+
+        The member's digest is checked and it is decompressed within the declared size and
+        ``limits.max_functions_bytes``; then its opcodes are walked (memo-aware) by
+        :func:`~hkstore.store._pickle_scan.pickle_globals`. This is what ``hkstore inspect``
+        shows an operator; it is not a safety check.
+
+        Returns:
+            ``"module.qualname"`` strings in import order (empty when there is no pickle).
+
+        Raises:
+            DigestMismatchError: the member does not match the manifest.
+            ArchiveFormatError, LimitExceededError: bad zstd frame or malformed pickle.
+        """
+        from hkstore.store._pickle_scan import pickle_globals
+
+        record = self.manifest.pickle
+        if record is None:
+            return []
+        raw = _zstd.decompress_bounded(
+            self._pickle_frame(),
+            declared_size=record.raw_size,
+            cap=self.limits.max_functions_bytes,
+            what=FUNCTIONS,
+            max_window=self.limits.max_zstd_window_bytes,
+        )
+        return pickle_globals(raw)
+
+    def _pickle_frame(self) -> bytes:
+        record = self.manifest.pickle
+        assert record is not None
+        frame = self._member_bytes(FUNCTIONS)
+        actual = hashlib.sha256(frame).hexdigest()
+        if actual != record.sha256:
+            raise DigestMismatchError(
+                f"member {FUNCTIONS!r}: sha256 {actual}, manifest says {record.sha256}"
+            )
+        return frame
+
+    def functions(
+        self, trust: Trust, *, roles: Sequence[str] = ROLES
+    ) -> dict[str, Callable[..., Any] | None]:
+        """Return ``{role: callable}`` for the functions the manifest describes, if allowed.
+
+        This goes through the one trust gate (:func:`~hkstore.store._gate.resolve_functions`):
+        references are imported only from ``trust.modules``; the pickle is unpickled only with
+        ``trust.allow_pickle`` and a signature verified by one of ``trust.keys`` (or
+        ``allow_unsigned``), after its digest and the writer's Python version were checked.
+
+        Raises:
+            RefusedCodeError: the policy refuses (the message says which option would allow it).
+            RuntimeMismatchError: the pickle comes from another Python version/implementation.
+            SignatureError, UntrustedKeyError, DigestMismatchError.
+        """
+        return resolve_functions(
+            {role: dict(spec.to_dict()) for role, spec in self.manifest.functions.items()},
+            trust,
+            roles=roles,
+            verified_key_id=lambda: self.check_signature(trust),
+            pickle_record=None if self.manifest.pickle is None else self.manifest.pickle.to_dict(),
+            read_pickle=self._pickle_frame,
+            max_pickle_bytes=self.limits.max_functions_bytes,
+            max_window=self.limits.max_zstd_window_bytes,
+            where="archive",
+        )
+
+    # -- lifetime -----------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Release the file and its memory map (idempotent)."""
+        self._weights = None
+        if self._mmap is not None:
+            self._mmap.close()
+            self._mmap = None
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        self._fd = None
+
+    def __enter__(self) -> Archive:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def copy_with_signature(self, dest: BinaryIO, signer: Signer) -> None:
+        """Write this archive to ``dest`` with a new signature (members copied byte-exact)."""
+        writer = ContainerWriter(dest)
+        for name, info in self.members.items():
+            if name in (SIGNATURE, MANIFEST):
+                continue
+            stream = writer.begin_member(name, align=64 if name == WEIGHTS else 1)
+            view = memoryview(self._buf)[info.data_offset : info.data_offset + info.size]
+            for start in range(0, info.size, 64 << 20):
+                stream.write(view[start : start + (64 << 20)])
+            del view
+            copied = stream.finish()
+            if copied.crc32 != info.crc32:
+                raise ContainerError(
+                    f"member {name!r}: CRC-32 {copied.crc32:08x} of its data, "
+                    f"{info.crc32:08x} in its headers (corrupted archive; not re-signed)"
+                )
+        writer.add_member(MANIFEST, self.manifest_bytes)
+        writer.add_member(SIGNATURE, sign_manifest(self.manifest_bytes, signer))
+        writer.close()
+
+
+def open_archive(
+    source: str | os.PathLike[str] | bytes | bytearray | memoryview,
+    *,
+    limits: Limits = DEFAULT_LIMITS,
+) -> Archive:
+    """Open an archive lazily: container, manifest and member sizes checked; no tensor read.
+
+    Args:
+        source: a path, or the archive's bytes.
+        limits: size and count limits for untrusted input.
+
+    Returns:
+        An :class:`Archive` (a context manager).
+
+    Raises:
+        ContainerError, ManifestError, UnsupportedVersionError, LimitExceededError.
+
+    Example:
+        >>> with open_archive("round-3.hkz") as ar:  # doctest: +SKIP
+        ...     ar.names()[:2], ar.manifest.data_info
+    """
+    return Archive(source, limits=limits)
+
+
+def archive_bytes_writer() -> io.BytesIO:
+    """Return an in-memory destination for :func:`write_archive` (used by ``dumps``)."""
+    return io.BytesIO()
