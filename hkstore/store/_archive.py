@@ -244,6 +244,7 @@ class Archive:
             if SIGNATURE in self.members:  # malformed signature.json fails at open, keys or not
                 read_signature_document(self._member_bytes(SIGNATURE), limits)
             self._weights: WeightsReader | None = None
+            self._digests: dict[str, str] | None = None
         except BaseException:
             self.close()
             raise
@@ -371,7 +372,11 @@ class Archive:
         return reader.read_all(self._tensor_digests() if verify else None)
 
     def _tensor_digests(self) -> dict[str, str]:
-        return dict(self.manifest.digests)
+        # built once: tensor() is called per tensor, and rebuilding this per call made
+        # reading every tensor quadratic in the tensor count (minutes at 20k tensors)
+        if self._digests is None:
+            self._digests = dict(self.manifest.digests)
+        return self._digests
 
     # -- signature and trust -------------------------------------------------------------
 

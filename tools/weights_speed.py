@@ -1,0 +1,189 @@
+"""Time hkstore's weights codec against raw safetensors, side by side in one loop.
+
+Usage: python tools/weights_speed.py [--tensors 24] [--rows 4096] [--cols 1024] [--reps 5]
+                                     [--dir /dev/shm]
+
+Every case runs once per repetition, interleaved, after a warm-up; medians are printed with
+the ratios hkstore / safetensors. "+put" cases also ``jax.device_put`` every array and block
+until ready (jax on CPU aliases hkstore's 64-byte-aligned buffers, so that step is ~free).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import hashlib
+import os
+import statistics
+import sys
+import tempfile
+import time
+import zlib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import safetensors.numpy as stn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from hkstore.store._crc32 import CRC32_IMPLEMENTATION
+from hkstore.store._crc32 import crc32 as default_crc32
+from hkstore.store._weights import TensorSpec, WeightsReader, aligned_empty, write_weights
+
+
+def _put(arrays: dict[str, np.ndarray]) -> Any:
+    import jax
+
+    out = {k: jax.device_put(v) for k, v in arrays.items()}
+    jax.block_until_ready(out)
+    return out
+
+
+def _aligned_put_is_zero_copy(arrays: dict[str, np.ndarray]) -> bool:
+    import jax
+
+    return all(jax.device_put(a).unsafe_buffer_pointer() == a.ctypes.data for a in arrays.values())
+
+
+def _parts(arrays: dict[str, np.ndarray], path: Path) -> dict[str, Callable[[], object]]:
+    """Each piece of work of a save or a verified load, alone, on the calling thread."""
+
+    def write() -> None:
+        with open(path, "wb") as f:
+            for array in arrays.values():
+                f.write(array.data)
+
+    def read() -> list[np.ndarray]:
+        out, pos = [], 0
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            for array in arrays.values():
+                buf = aligned_empty(array.nbytes)
+                for start in range(0, buf.size, 1 << 20):
+                    os.preadv(fd, [buf[start : start + (1 << 20)].data], pos + start)
+                pos += array.nbytes
+                out.append(buf)
+        finally:
+            os.close(fd)
+        return out
+
+    return {
+        "part sha256": lambda: [hashlib.sha256(a.data).digest() for a in arrays.values()],
+        f"part crc32 {CRC32_IMPLEMENTATION}": lambda: [
+            default_crc32(a.data, 0) for a in arrays.values()
+        ],
+        "part write file": write,
+        "part pread into aligned buffers": read,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tensors", type=int, default=24)
+    parser.add_argument("--rows", type=int, default=4096)
+    parser.add_argument("--cols", type=int, default=1024)
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--dir", default="/dev/shm" if os.path.isdir("/dev/shm") else None)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--max-inflight", type=int, default=2)
+    parser.add_argument(
+        "--breakdown", action="store_true", help="also time each part alone on one thread"
+    )
+    args = parser.parse_args(argv)
+
+    rng = np.random.default_rng(0)
+    arrays = {
+        f"layer_{i}:w": rng.standard_normal((args.rows, args.cols), dtype=np.float32)
+        for i in range(args.tensors)
+    }
+    specs = [TensorSpec(k, "F32", v.shape) for k, v in arrays.items()]
+    total = sum(v.nbytes for v in arrays.values())
+    folder = Path(tempfile.mkdtemp(prefix="hkstore-speed-", dir=args.dir))
+    st_path, hk_path = folder / "raw.safetensors", folder / "hk.safetensors"
+    digests: dict[str, str] = {}
+
+    def hk_save(crc: Callable[..., int] = default_crc32) -> None:
+        with open(hk_path, "wb") as f:
+            written = write_weights(
+                f,
+                specs,
+                arrays.__getitem__,
+                crc32=crc,
+                workers=args.workers,
+                max_inflight=args.max_inflight,
+            )
+            digests.update(written.tensor_sha256)
+
+    def hk_load(verify: bool) -> dict[str, np.ndarray]:
+        fd = os.open(hk_path, os.O_RDONLY)
+        try:
+            return WeightsReader(fd).read_all(digests if verify else None, workers=args.workers)
+        finally:
+            os.close(fd)
+
+    cases: dict[str, Callable[[], object]] = {
+        "save safetensors.save_file": lambda: stn.save_file(arrays, st_path),
+        f"save hkstore (crc {CRC32_IMPLEMENTATION})": hk_save,
+        "save hkstore (crc zlib)": lambda: hk_save(zlib.crc32),
+        "load safetensors.load_file": lambda: stn.load_file(st_path),
+        "load hkstore verified": lambda: hk_load(True),
+        "load hkstore unverified": lambda: hk_load(False),
+        "load+put safetensors": lambda: _put(stn.load_file(st_path)),
+        "load+put hkstore verified": lambda: _put(hk_load(True)),
+        "load+put hkstore unverified": lambda: _put(hk_load(False)),
+    }
+    if args.breakdown:
+        cases.update(_parts(arrays, folder / "part.bin"))
+    times: dict[str, list[float]] = {name: [] for name in cases}
+    try:
+        hk_save()
+        hk_bytes = hk_path.read_bytes()
+        for rep in range(args.reps + 1):  # repetition 0 is the warm-up
+            for name, case in cases.items():
+                gc.collect()
+                start = time.perf_counter()
+                result = case()
+                elapsed = time.perf_counter() - start
+                del result
+                if rep:
+                    times[name].append(elapsed)
+    finally:
+        for path in (st_path, hk_path, folder / "part.bin"):
+            path.unlink(missing_ok=True)
+        folder.rmdir()
+
+    med = {name: statistics.median(values) * 1e3 for name, values in times.items()}
+    aliased = _aligned_put_is_zero_copy(WeightsReader(memoryview(hk_bytes)).read_all(None))
+    print(
+        f"{args.tensors} x float32[{args.rows}, {args.cols}] = {total / 1e6:.0f} MB, "
+        f"folder {args.dir}, medians of {args.reps} (ms)"
+    )
+    for name, value in med.items():
+        print(f"  {name:40s} {value:8.1f}")
+    base = {
+        "save": "save safetensors.save_file",
+        "load": "load safetensors.load_file",
+        "load+put": "load+put safetensors",
+    }
+    print(f"jax.device_put aliased hkstore's buffers (no copy): {aliased}")
+    print("ratios (hkstore / safetensors):")
+    for name, value in med.items():
+        kind = name.split(" ")[0]
+        if "hkstore" in name:
+            print(f"  {name:40s} {value / med[base[kind]]:6.2f}x")
+    if args.breakdown:
+        sha = med["part sha256"]
+        save = sha + med[f"part crc32 {CRC32_IMPLEMENTATION}"] + med["part write file"]
+        load = sha + med["part pread into aligned buffers"]
+        print(
+            f"one-thread work: save {save:.1f} ms (sha256 + crc32 + write), verified load "
+            f"{load:.1f} ms (sha256 + pread); split perfectly over 2 cores: {save / 2:.1f} / "
+            f"{load / 2:.1f} ms"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
