@@ -23,8 +23,15 @@ test: install-dev
 	$(BIN)/mypy
 	$(BIN)/python -m pytest
 
-bench: install-dev
-	$(BIN)/python tools/bench.py --quick
+# Benchmarks need declearn (the `bench` extra): it lives in its own venv, never in .venv.
+BENCH_VENV := .venv-bench
+$(BENCH_VENV)/bin/python:
+	$(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/python -m pip install --quiet --upgrade pip
+
+bench: $(BENCH_VENV)/bin/python
+	$(BENCH_VENV)/bin/python -m pip install --quiet -e .[dev,bench]
+	$(BENCH_VENV)/bin/python tools/bench.py --json bench.json
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(BENCH_VENV) .pytest_cache .mypy_cache .ruff_cache
