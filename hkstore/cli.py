@@ -1,22 +1,204 @@
-"""The ``hkstore`` command (no jax imported here)."""
+"""The ``hkstore`` command: inspect, verify, keygen, sign, diff and convert-declearn archives.
+
+It never imports jax or haiku, so it runs on a gateway or CI machine that has only numpy.
+Each verb is one short function below; the building blocks live in :mod:`hkstore._cli`.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+from typing import NoReturn
 
+from hkstore._cli._common import emit, emit_report, load_signer, load_trust, note, open_input
+from hkstore._cli._status import ExitCode, UsageError, run_verb
 from hkstore._version import __version__
+
+__all__ = ["main"]
+
+_DESCRIPTION = """\
+Inspect, verify, sign, compare and convert hkstore model archives.
+Runs without jax or haiku: only numpy, jsonschema and (to sign) cryptography."""
+
+_VERIFY = """\
+Check an archive the way a loader would, without loading it: the ZIP container
+(strict structure, limits), the manifest (canonical JSON, schema), the signature
+(with the keys given; required with --require-signature), the safetensors header
+against the manifest, every tensor's SHA-256 digest, and the pickle member's digest
+and opcodes (never unpickled). Stops at the first failed check and names it."""
+
+_EXIT_CODES = """\
+exit status:
+  0  ok
+  1  a check failed: the input was read and fails the container, manifest, limits,
+     digest or signature checks (or, for convert-declearn, holds code that is refused)
+  2  usage error, or input that cannot be judged: missing or unreadable file, not a ZIP
+     file, a key file that does not load, a newer format version
+  3  internal error (a bug in hkstore; never a verdict on the input)
+"""
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    """Show what an archive holds, reading only its manifest and headers."""
+    from hkstore._cli._inspect import inspect_report, render_inspect
+
+    keys_given = bool(args.key or args.hmac_secret_file)
+    trust = load_trust(args.key, args.hmac_secret_file) if keys_given else None
+    with open_input(args.archive) as archive:
+        report = inspect_report(archive, args.archive, trust)
+    emit_report(report, render_inspect, as_json=args.json)
+    return ExitCode.CHECK_FAILED if report["signature"]["state"] == "failed" else ExitCode.OK
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    """Run every check; exit 0 when all pass, 1 naming the check that failed."""
+    from hkstore._cli._verify import render_verify, run_checks
+
+    trust = load_trust(args.key, args.hmac_secret_file, require_signature=args.require_signature)
+    outcome = run_checks(lambda: open_input(args.archive), args.archive, trust)
+    report = outcome.report()
+    emit_report(report, render_verify, as_json=args.json)
+    if outcome.failed is not None:
+        note(f"verify: {args.archive}: the {outcome.failed['check']} check failed")
+    return outcome.exit_code
+
+
+def cmd_keygen(args: argparse.Namespace) -> int:
+    """Create NAME.key (private, 0600) and NAME.pub; print the key id."""
+    from hkstore.store._keys import generate_ed25519_keypair
+
+    key_id = generate_ed25519_keypair(args.name)
+    note(f"wrote {args.name}.key (private, mode 0600) and {args.name}.pub")
+    emit(key_id)
+    return ExitCode.OK
+
+
+def cmd_sign(args: argparse.Namespace) -> int:
+    """Verify the archive's digests, then re-sign it atomically (in place unless --out)."""
+    from hkstore._cli._sign import sign_archive
+
+    signer = load_signer(key=args.key, hmac_secret_file=args.hmac_secret_file)
+    outcome = sign_archive(args.archive, args.out or args.archive, signer)
+    if outcome.failed is not None:
+        note(f"refusing to sign {args.archive}: the {outcome.failed['check']} check failed: "
+             f"{outcome.failed['message']}")
+        return outcome.exit_code
+    emit(f"{args.out or args.archive}: signed by {signer.key_id}")
+    return ExitCode.OK
+
+
+def cmd_diff(args: argparse.Namespace) -> int:
+    """Compare two archives tensor by tensor (equal digests are not read)."""
+    from hkstore._cli._diff import diff_report, render_diff
+
+    with open_input(args.a) as a, open_input(args.b) as b:
+        report = diff_report(a, b, args.a, args.b)
+    emit_report(report, render_diff, as_json=args.json)
+    return ExitCode.OK
+
+
+def cmd_convert_declearn(args: argparse.Namespace) -> int:
+    """Write an hkstore archive from a declearn HaikuModel checkpoint, unpickling nothing."""
+    from hkstore._cli._declearn import convert, locate_inputs
+
+    config, state = locate_inputs(Path(args.path), Path(args.state) if args.state else None)
+    overrides = {role: ref for role, ref in (("model", args.model_ref),
+                                              ("loss", args.loss_ref)) if ref}
+    summary = convert(config, state, args.out, overrides=overrides)
+    for warning in summary.warnings:
+        note(f"warning: {warning}")
+    emit(summary.text)
+    return ExitCode.OK
+
+
+# --- the parser -------------------------------------------------------------------------------
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but usage errors raise (so :func:`main` returns 2 instead of exiting)."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{self.format_usage().rstrip()}\n{self.prog}: error: {message}")
+
+
+def _add_keys(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--key", action="append", default=[], metavar="FILE",
+                   help="trusted Ed25519 public key (NAME.pub); repeat for several")
+    p.add_argument("--hmac-secret-file", action="append", default=[], metavar="FILE",
+                   help="trusted HMAC-SHA256 shared secret file; repeat for several")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``hkstore`` argument parser (one sub-command per verb)."""
+    parser = _Parser(prog="hkstore", description=_DESCRIPTION, epilog=_EXIT_CODES,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"hkstore {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for every error")
+    verbs = parser.add_subparsers(dest="verb", metavar="VERB")
+
+    def verb(name: str, func: object, help_: str, description: str = "") -> argparse.ArgumentParser:
+        p = verbs.add_parser(name, help=help_, description=description or help_,
+                             epilog=_EXIT_CODES,
+                             formatter_class=argparse.RawDescriptionHelpFormatter)
+        p.set_defaults(func=func)
+        return p
+
+    p = verb("inspect", cmd_inspect, "show an archive's contents from its headers only")
+    p.add_argument("archive", metavar="ARCHIVE")
+    p.add_argument("--json", action="store_true", help="print hkstore-inspect v1 JSON")
+    _add_keys(p)
+    p = verb("verify", cmd_verify, "check structure, schema, limits, every digest, signature",
+             _VERIFY)
+    p.add_argument("archive", metavar="ARCHIVE")
+    _add_keys(p)
+    p.add_argument("--require-signature", action="store_true",
+                   help="fail unless signed by one of the given keys")
+    p.add_argument("--json", action="store_true", help="print hkstore-verify v1 JSON")
+    p = verb("keygen", cmd_keygen, "create an Ed25519 key pair NAME.key (0600) + NAME.pub")
+    p.add_argument("name", metavar="NAME")
+    p = verb("sign", cmd_sign, "verify an archive's digests, then (re-)sign it atomically")
+    p.add_argument("archive", metavar="ARCHIVE")
+    who = p.add_mutually_exclusive_group(required=True)
+    who.add_argument("--key", metavar="NAME.key", help="Ed25519 private key file")
+    who.add_argument("--hmac-secret-file", metavar="FILE", help="HMAC-SHA256 shared secret")
+    p.add_argument("--out", metavar="FILE", help="write here instead of replacing ARCHIVE")
+    p = verb("diff", cmd_diff, "compare two archives tensor by tensor")
+    p.add_argument("a", metavar="A")
+    p.add_argument("b", metavar="B")
+    p.add_argument("--json", action="store_true", help="print hkstore-diff v1 JSON")
+    p = verb("convert-declearn", cmd_convert_declearn,
+             "convert a declearn 2.x HaikuModel checkpoint without unpickling it")
+    p.add_argument("path", metavar="PATH",
+                   help="declearn checkpoint folder, or its model_config.json with --state")
+    p.add_argument("--out", required=True, metavar="ARCHIVE", help="the archive to write")
+    p.add_argument("--state", metavar="FILE",
+                   help="the model_state_*.mpk to take weights from (default: the newest)")
+    p.add_argument("--model-ref", metavar="MODULE:QUALNAME",
+                   help="store this reference for the model function instead of the pickle's")
+    p.add_argument("--loss-ref", metavar="MODULE:QUALNAME",
+                   help="store this reference for the loss function instead of the pickle's")
+    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; return the exit status (0 ok, 1 failed check, 2 usage/input)."""
-    parser = argparse.ArgumentParser(prog="hkstore", description=__doc__)
-    parser.add_argument("--version", action="version", version=f"hkstore {__version__}")
-    parser.add_argument("verb", nargs="?")
-    args = parser.parse_args(argv)
+    """Run ``hkstore`` with ``argv`` (default ``sys.argv[1:]``); return the exit status.
+
+    Example:
+        >>> main(["verify", "round-3.hkz"])  # doctest: +SKIP
+        0
+    """
+    parser = build_parser()
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args = parser.parse_args(arguments)
+    except UsageError as exc:
+        sys.stderr.write(f"{exc}\n")
+        return ExitCode.USAGE
+    except SystemExit as exc:  # --help and --version print and exit 0
+        return int(exc.code or 0) if not isinstance(exc.code, str) else ExitCode.USAGE
     if args.verb is None:
-        parser.print_help()
-        return 2
-    print(f"hkstore: '{args.verb}' is not available yet", file=sys.stderr)
-    return 2
+        parser.print_help(sys.stderr)
+        return ExitCode.USAGE
+    return run_verb(args.verb, lambda: args.func(args), debug=args.debug)

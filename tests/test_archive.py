@@ -692,8 +692,8 @@ def test_canary_pickle_runs_when_the_policy_allows_it(open_from: Opener, canary:
         (lambda key: Trust(),
          "archive: the functions are pickled and the trust policy does not allow unpickling"),
         (lambda key: Trust(allow_pickle=True),
-         "refusing to unpickle the pickled functions: it is not signed, and the trust policy "
-         "lists no keys"),
+         "refusing to unpickle the pickled functions: the trust policy lists no keys to verify "
+         "a signature with"),
         (lambda key: Trust(allow_pickle=True, keys=[key]),
          "refusing to unpickle the pickled functions: it is not signed by any of the trusted "
          "keys"),
@@ -716,7 +716,7 @@ def test_functions_rejects_unsigned_pickle(
 def test_functions_accepts_unsigned_pickle_only_with_allow_unsigned(open_from: Opener) -> None:
     blob, raw_size = pickle_functions({"model": fnrefs.make_closure(1.5), "loss": fnrefs.forward})
     data = archive_bytes(make_content(pickle_blob=blob, pickle_raw_size=raw_size))
-    with pytest.warns(UnsafeTrustWarning, match="it is not signed, and the trust policy lists no"):
+    with pytest.warns(UnsafeTrustWarning, match="the trust policy lists no keys to verify"):
         loaded = functions(open_from, data, Trust(allow_pickle=True, allow_unsigned=True))
     assert loaded["model"] is not None and loaded["model"](1.0) == 2.5
     assert loaded["loss"] is fnrefs.forward  # importable functions travel by reference

@@ -298,7 +298,7 @@ def test_from_config_with_pickled_functions_needs_signature_and_allow_pickle() -
     unsigned = model.get_config(functions="pickle")
     with pytest.raises(RefusedCodeError, match="config: the functions are pickled"):
         HaikuModel.from_config(signed)
-    with pytest.raises(RefusedCodeError, match="it is not signed, and the trust policy lists"):
+    with pytest.raises(RefusedCodeError, match="the trust policy lists no keys to verify"):
         HaikuModel.from_config(signed, trust=Trust(allow_pickle=True))
     with pytest.raises(RefusedCodeError, match="not signed by any of the trusted keys"):
         HaikuModel.from_config(unsigned, trust=Trust(allow_pickle=True, keys=[signer]))
@@ -513,8 +513,8 @@ def test_load_runs_the_canary_pickle_when_the_policy_allows_it(entry: Entry, can
     ("policy", "message"),
     [("none", "archive: the functions are pickled and the trust policy does not allow "
               "unpickling"),
-     ("allow_pickle", "refusing to unpickle the pickled functions: it is not signed, and the "
-                      "trust policy lists no keys"),
+     ("allow_pickle", "refusing to unpickle the pickled functions: the trust policy lists "
+                      "no keys to verify a signature with"),
      ("allow_pickle+keys", "refusing to unpickle the pickled functions: it is not signed by "
                            "any of the trusted keys")],
 )

@@ -254,8 +254,8 @@ def test_check_pickle_allowed_needs_a_trusted_signature() -> None:
         "one of the trusted keys" + OPTIONS
     )
     assert _refused(Trust(allow_pickle=True), None) == (
-        "refusing to unpickle the pickled functions: it is not signed, and the trust policy "
-        "lists no keys" + OPTIONS
+        "refusing to unpickle the pickled functions: the trust policy lists no keys to verify "
+        "a signature with (an unsigned pickle, or a signature nobody checked)" + OPTIONS
     )
 
 

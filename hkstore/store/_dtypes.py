@@ -73,7 +73,8 @@ def dtype_for_code(code: str, *, where: str = "tensor") -> DtypeInfo:
     except (KeyError, TypeError):
         known = ", ".join(DTYPES)
         raise UnsupportedDtypeError(
-            f"{where}: dtype {code!r} is not a supported safetensors dtype (expected one of {known})"
+            f"{where}: dtype {code!r} is not a supported safetensors dtype "
+            f"(expected one of {known})"
         ) from None
 
 
@@ -88,7 +89,9 @@ def code_for_dtype(dtype: object, *, where: str = "tensor") -> str:
     except TypeError:
         raise UnsupportedDtypeError(f"{where}: {dtype!r} is not a dtype") from None
     if dt.byteorder == ">":
-        raise UnsupportedDtypeError(f"{where}: big-endian dtype {dt.str!r}; the format is little-endian")
+        raise UnsupportedDtypeError(
+            f"{where}: big-endian dtype {dt.str!r}; the format is little-endian"
+        )
     code = _BY_DTYPE.get(dt.newbyteorder("<") if dt.itemsize > 1 else dt)
     if code is None:
         known = ", ".join(str(r.dtype) for r in DTYPES.values())

@@ -214,7 +214,10 @@ class Trust:
         elif self.keys:
             reason = "it is not signed by any of the trusted keys"
         else:
-            reason = "it is not signed, and the trust policy lists no keys"
+            reason = (
+                "the trust policy lists no keys to verify a signature with (an unsigned pickle, "
+                "or a signature nobody checked)"
+            )
         if self.allow_unsigned:
             warnings.warn(
                 f"unpickling functions that are not signed by a trusted key ({reason}) because "

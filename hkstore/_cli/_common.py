@@ -1,0 +1,206 @@
+"""What every verb shares: opening input archives, trusted keys, output streams, sizes, progress."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, TextIO
+
+from hkstore._cli._status import UsageError
+
+if TYPE_CHECKING:
+    from hkstore.store._archive import Archive
+    from hkstore.store._signing import Signer
+    from hkstore.store._trust import Trust
+
+__all__ = [
+    "Progress",
+    "emit",
+    "emit_json",
+    "emit_report",
+    "human_bytes",
+    "load_signer",
+    "load_trust",
+    "note",
+    "open_input",
+]
+
+_ZIP_LOCAL_MAGIC = b"PK\x03\x04"
+#: Verifying at least this many tensor bytes shows a progress line (on a terminal only).
+PROGRESS_MIN_BYTES = 1 << 30
+
+
+def open_input(path: str) -> Archive:
+    """Open an archive named on the command line (container and manifest checked).
+
+    A path that does not exist, cannot be read, or is not a ZIP file at all (it does not
+    start with the ZIP local-file signature) is a :class:`UsageError` (exit 2): there is no
+    archive to judge. Anything wrong past that point is the archive failing a check (exit 1).
+
+    Raises:
+        UsageError: as above.
+        ContainerError, ManifestError, LimitExceededError, UnsupportedVersionError: from
+            :func:`hkstore.store._archive.open_archive`.
+    """
+    from hkstore.store._archive import open_archive
+
+    try:
+        with open(path, "rb") as handle:
+            magic = handle.read(len(_ZIP_LOCAL_MAGIC))
+    except FileNotFoundError:
+        raise UsageError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise UsageError(f"{path}: is a folder, not an archive") from None
+    except OSError as exc:
+        raise UsageError(f"{path}: cannot read: {exc.strerror}") from None
+    if magic != _ZIP_LOCAL_MAGIC:
+        what = "an empty file" if not magic else "not a ZIP file"
+        raise UsageError(f"{path}: not an hkstore archive ({what})")
+    return open_archive(path)
+
+
+def load_trust(
+    keys: Sequence[str] = (),
+    hmac_secret_files: Sequence[str] = (),
+    *,
+    require_signature: bool = False,
+) -> Trust:
+    """Build the verifying :class:`~hkstore.store._trust.Trust` from ``--key`` options.
+
+    Raises:
+        UsageError: a key file is missing, unreadable or not a key (the message names it), or
+            ``require_signature`` without any key.
+    """
+    from hkstore.store._keys import load_hmac_key, load_verifier
+    from hkstore.store._trust import Trust
+
+    verifiers: list[Any] = [_key_file("--key", path, load_verifier) for path in keys]
+    verifiers += [_key_file("--hmac-secret-file", p, load_hmac_key) for p in hmac_secret_files]
+    if require_signature and not verifiers:
+        raise UsageError("--require-signature needs the keys to check with: --key FILE or "
+                         "--hmac-secret-file FILE")
+    return Trust(keys=verifiers, require_signature=require_signature)
+
+
+def load_signer(*, key: str | None, hmac_secret_file: str | None) -> Signer:
+    """Load the signing key named by ``--key`` (Ed25519 private key) or ``--hmac-secret-file``.
+
+    Raises:
+        UsageError: the file is missing, unreadable or not such a key.
+    """
+    from hkstore.store._keys import load_hmac_key
+    from hkstore.store._keys import load_signer as load_ed25519_signer
+
+    if key is not None:
+        return _key_file("--key", key, load_ed25519_signer)
+    assert hmac_secret_file is not None  # argparse makes one of the two required
+    return _key_file("--hmac-secret-file", hmac_secret_file, load_hmac_key)
+
+
+def _key_file(option: str, path: str, loader: Callable[[str], Any]) -> Any:
+    """Load one key file; every way it can fail is a usage error naming the option and file."""
+    from hkstore.errors import HkstoreError
+
+    try:
+        return loader(path)
+    except FileNotFoundError:
+        raise UsageError(f"{option} {path}: no such file") from None
+    except OSError as exc:
+        raise UsageError(f"{option} {path}: cannot read: {exc.strerror}") from None
+    except HkstoreError as exc:
+        message = str(exc)
+        if not message.startswith(path):  # key errors usually name the file already
+            message = f"{path}: {message}"
+        raise UsageError(f"{option} {message}") from None
+
+
+# --- output -----------------------------------------------------------------------------------
+
+
+def emit(text: str) -> None:
+    """Write data (the command's result) to stdout, one trailing newline added."""
+    _write(sys.stdout, text + "\n")
+
+
+def emit_json(document: Any) -> None:
+    """Write a JSON document to stdout (UTF-8, indented, keys in the order built)."""
+    _write(sys.stdout, json.dumps(document, indent=2, ensure_ascii=False, allow_nan=False) + "\n")
+
+
+def emit_report(report: Any, render: Callable[[Any], str], *, as_json: bool) -> None:
+    """Write a report to stdout: its JSON document with ``--json``, else ``render(report)``."""
+    if as_json:
+        emit_json(report)
+    else:
+        emit(render(report))
+
+
+def note(text: str) -> None:
+    """Write a diagnostic (never data) to stderr."""
+    _write(sys.stderr, f"hkstore: {text}\n")
+
+
+def _write(stream: TextIO, text: str) -> None:
+    try:
+        stream.write(text)
+        stream.flush()
+    except BrokenPipeError:
+        # The reader went away (`hkstore inspect x | head`): stop writing, keep the status.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, stream.fileno())
+        os.close(devnull)
+
+
+def human_bytes(n: int) -> str:
+    """``1536`` -> ``"1.5 KiB"`` (binary units; bytes below 1 KiB exactly)."""
+    if n < 1024:
+        return f"{n} B"
+    value = float(n)
+    for unit in ("KiB", "MiB", "GiB", "TiB"):
+        value /= 1024
+        if value < 1024 or unit == "TiB":
+            break
+    return f"{value:.1f} {unit}"
+
+
+class Progress:
+    """A one-line progress meter on stderr, shown only on a terminal and for big inputs."""
+
+    def __init__(self, label: str, total: int, *, stream: TextIO | None = None) -> None:
+        self._stream = stream if stream is not None else sys.stderr
+        self._label = label
+        self._total = max(total, 1)
+        self._done = 0
+        self._last = 0.0
+        self.enabled = total >= PROGRESS_MIN_BYTES and _isatty(self._stream)
+
+    def advance(self, nbytes: int) -> None:
+        """Count ``nbytes`` more as done; redraw at most ten times a second."""
+        self._done += nbytes
+        if not self.enabled:
+            return
+        now = time.monotonic()
+        if now - self._last >= 0.1 or self._done >= self._total:
+            self._last = now
+            percent = 100 * self._done // self._total
+            self._stream.write(
+                f"\r{self._label}: {percent:3d}% ({human_bytes(self._done)} of "
+                f"{human_bytes(self._total)})"
+            )
+            self._stream.flush()
+
+    def close(self) -> None:
+        """End the progress line (erase it) so later messages start clean."""
+        if self.enabled:
+            self._stream.write("\r\x1b[K")
+            self._stream.flush()
+
+
+def _isatty(stream: TextIO) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False

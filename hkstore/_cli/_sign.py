@@ -1,0 +1,44 @@
+"""``hkstore sign``: verify an archive, then write it again with a new signature, atomically."""
+
+from __future__ import annotations
+
+import os
+import stat
+from typing import TYPE_CHECKING
+
+from hkstore._cli._common import open_input
+from hkstore._cli._verify import VerifyOutcome, run_checks
+
+if TYPE_CHECKING:
+    from hkstore.store._archive import Archive
+    from hkstore.store._signing import Signer
+
+__all__ = ["sign_archive"]
+
+
+def sign_archive(source: str, dest: str, signer: Signer) -> VerifyOutcome:
+    """Check every digest of ``source``; if all pass, write it to ``dest`` signed by ``signer``.
+
+    The members are copied byte for byte, the manifest unchanged, and ``signature.json``
+    replaced. ``dest`` (which may be ``source``) is written through a temp file in its folder
+    and renamed over, so a crash or a failed check leaves the old file untouched. The new file
+    keeps ``source``'s permission bits. The existing signature, if any, is not checked: it is
+    replaced.
+
+    Returns:
+        The verification outcome; nothing was written when ``outcome.failed`` is set.
+
+    Raises:
+        UsageError: ``source`` is not an archive at all.
+        OSError: ``dest`` cannot be written.
+    """
+    from hkstore.store._atomic import atomic_write
+    from hkstore.store._trust import Trust
+
+    mode = stat.S_IMODE(os.stat(source).st_mode) if os.path.exists(source) else 0o644
+
+    def write(archive: Archive) -> None:
+        with atomic_write(dest, mode=mode) as handle:
+            archive.copy_with_signature(handle, signer)
+
+    return run_checks(lambda: open_input(source), source, Trust(), then=write)

@@ -1,0 +1,218 @@
+"""``hkstore verify``: every check an archive must pass, in order, each one named in the report.
+
+Checks, cheapest first: ``container`` and ``manifest`` (done when the archive is opened:
+strict ZIP structure, limits, canonical JSON, schema, member sizes), ``signature`` (with the
+caller's keys; required with ``--require-signature``), ``weights`` (the safetensors header's
+digest and its agreement with the manifest), ``digests`` (every tensor's SHA-256, read one
+tensor at a time per thread, so memory stays bounded by the largest tensors), ``functions``
+(the pickle's digest, bounded decompression and a well-formed opcode stream; never unpickled).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from hkstore._cli._common import Progress, human_bytes
+from hkstore._cli._status import ExitCode, check_name, exit_code_for
+from hkstore.errors import DigestMismatchError, HkstoreError
+
+if TYPE_CHECKING:
+    from hkstore.store._archive import Archive
+    from hkstore.store._trust import Trust
+
+__all__ = ["REPORT_FORMAT", "REPORT_VERSION", "VerifyOutcome", "render_verify", "run_checks"]
+
+REPORT_FORMAT = "hkstore-verify"
+REPORT_VERSION = 1
+CHECKS = ("container", "manifest", "signature", "weights", "digests", "functions")
+_WORKERS = 2
+_BATCH_BYTES = 8 << 20
+
+
+@dataclass
+class VerifyOutcome:
+    """The checks run so far and how the run ended."""
+
+    path: str
+    checks: list[dict[str, str]] = field(default_factory=list)
+    failed: dict[str, str] | None = None
+    signature: dict[str, Any] = field(default_factory=lambda: {"state": "unsigned",
+                                                               "key_id": None})
+    tensors: int = 0
+    bytes: int = 0
+    exit_code: ExitCode = ExitCode.OK
+
+    def passed(self, name: str, detail: str) -> None:
+        """Record a check that passed."""
+        self.checks.append({"name": name, "status": "ok", "detail": detail})
+
+    def fail(self, exc: HkstoreError) -> None:
+        """Record the failed check (named after the error), and mark the rest not run."""
+        name = check_name(exc)
+        self.failed = {"check": name, "error": type(exc).__name__, "message": str(exc)}
+        self.checks.append({"name": name, "status": "failed", "detail": str(exc)})
+        done = {c["name"] for c in self.checks}
+        for rest in CHECKS:
+            if rest not in done:
+                self.checks.append({"name": rest, "status": "not run", "detail": ""})
+        self.exit_code = exit_code_for(exc)
+
+    def report(self) -> dict[str, Any]:
+        """The ``hkstore-verify`` v1 document (``schemas/cli-verify.v1.json``)."""
+        return {
+            "format": REPORT_FORMAT,
+            "version": REPORT_VERSION,
+            "path": self.path,
+            "ok": self.failed is None,
+            "checks": self.checks,
+            "failed": self.failed,
+            "signature": self.signature,
+            "tensors_checked": self.tensors,
+            "bytes_checked": self.bytes,
+        }
+
+
+def run_checks(
+    open_archive: Callable[[], Archive],
+    path: str,
+    trust: Trust,
+    *,
+    then: Callable[[Archive], None] | None = None,
+) -> VerifyOutcome:
+    """Run every check on the archive, stopping at the first that fails.
+
+    Args:
+        open_archive: opens the archive (its errors count as failed container/manifest checks).
+        path: the archive's path, for the report.
+        trust: the caller's keys and ``require_signature``.
+        then: called with the still-open archive when every check passed (``sign`` copies it).
+
+    Returns:
+        The :class:`VerifyOutcome` (``exit_code`` 0, 1 or 2).
+
+    Raises:
+        UsageError: the input is not an archive at all (raised by ``open_archive``).
+    """
+    outcome = VerifyOutcome(path)
+    try:
+        archive = open_archive()
+    except HkstoreError as exc:
+        outcome.fail(exc)
+        return outcome
+    with archive:
+        try:
+            _steps(archive, trust, outcome)
+        except HkstoreError as exc:
+            outcome.fail(exc)
+            return outcome
+        if then is not None:
+            then(archive)
+    return outcome
+
+
+def _steps(archive: Archive, trust: Trust, outcome: VerifyOutcome) -> None:
+    m = archive.manifest
+    outcome.passed("container", f"{len(archive.members)} members: {', '.join(archive.members)}")
+    outcome.passed("manifest", f"format {m.format_version}, canonical, schema valid")
+    key_id = archive.signature_key_id
+    outcome.signature = {"state": "unsigned" if key_id is None else "unverified",
+                         "key_id": key_id}
+    verified = archive.check_signature(trust)
+    if verified is not None:
+        outcome.signature["state"] = "verified"
+        outcome.passed("signature", f"verified with {verified}")
+    else:
+        outcome.passed("signature", "unsigned" if key_id is None else
+                       f"signed by {key_id}; not verified (no --key given)")
+    entries = archive.tensor_entries()  # header digest + cross-check against the manifest
+    total = sum(e.nbytes for e in entries.values())
+    outcome.passed("weights", f"{m.weights.member}: header matches the manifest")
+    outcome.bytes = _check_digests(archive, [t.name for t in m.tensors], entries, total)
+    outcome.tensors = len(m.tensors)
+    outcome.passed("digests", f"{outcome.tensors} tensors, {human_bytes(total)}, sha256 match")
+    if m.pickle is None:
+        outcome.passed("functions", "no pickle member")
+    else:
+        count = len(archive.pickle_globals())
+        outcome.passed("functions", f"{m.pickle.member}: sha256 matches, {count} global(s); "
+                       "not unpickled")
+
+
+def _check_digests(archive: Archive, names: list[str], entries: dict[str, Any],
+                   total: int) -> int:
+    """Read and hash every tensor on a few threads; collect every mismatch before raising."""
+    progress = Progress("verifying", total)
+    bad: list[DigestMismatchError] = []
+    done = 0
+    try:
+        for batch, future in _submitted(_batches(names, entries), archive):
+            bad.extend(future.result())
+            size = sum(entries[name].nbytes for name in batch)
+            done += size
+            progress.advance(size)
+    finally:
+        progress.close()
+    if len(bad) == 1:
+        raise bad[0]
+    if bad:
+        raise DigestMismatchError(
+            f"{len(bad)} tensors do not match their SHA-256 digest:\n"
+            + "\n".join(str(exc) for exc in bad)
+        )
+    return done
+
+
+def _batches(names: list[str], entries: dict[str, Any]) -> list[list[str]]:
+    """Group tensors, in order, into batches of about ``_BATCH_BYTES`` (one big tensor alone).
+
+    Small tensors share a task, so a model of many tiny tensors does not pay a thread hand-off
+    per tensor; memory in flight stays about ``window x max(_BATCH_BYTES, largest tensor)``.
+    """
+    batches: list[list[str]] = [[]]
+    size = 0
+    for name in names:
+        if size >= _BATCH_BYTES:
+            batches.append([])
+            size = 0
+        batches[-1].append(name)
+        size += entries[name].nbytes
+    return [b for b in batches if b]
+
+
+def _submitted(batches: list[list[str]], archive: Archive,
+               ) -> Iterator[tuple[list[str], Future[list[DigestMismatchError]]]]:
+    """Submit batches in order with at most ``2 * workers`` in flight (bounded memory)."""
+    window = 2 * _WORKERS
+    with ThreadPoolExecutor(_WORKERS, thread_name_prefix="hkstore-verify") as pool:
+        pending: list[tuple[list[str], Future[list[DigestMismatchError]]]] = []
+        for batch in batches:
+            pending.append((batch, pool.submit(_read_batch, archive, batch)))
+            if len(pending) >= window:
+                yield pending.pop(0)
+        yield from pending
+
+
+def _read_batch(archive: Archive, names: list[str]) -> list[DigestMismatchError]:
+    """Read each tensor with its digest checked (arrays dropped at once); return mismatches."""
+    bad = []
+    for name in names:
+        try:
+            archive.tensor(name, verify=True)
+        except DigestMismatchError as exc:
+            bad.append(exc)
+    return bad
+
+
+def render_verify(report: dict[str, Any]) -> str:
+    """Render the report for a terminal: one line per check, then the verdict."""
+    lines = []
+    for check in report["checks"]:
+        status = {"ok": "ok", "failed": "FAILED", "not run": "-"}[check["status"]]
+        detail = check["detail"].replace("\n", "\n" + " " * 20)
+        lines.append(f"  {check['name']:<10} {status:<7} {detail}".rstrip())
+    verdict = "OK" if report["ok"] else f"FAILED ({report['failed']['check']})"
+    lines.append(f"{report['path']}: {verdict}")
+    return "\n".join(lines)
