@@ -10,14 +10,13 @@ tensor at a time per thread, so memory stays bounded by the largest tensors), ``
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from hkstore._cli._common import Progress, human_bytes
 from hkstore._cli._status import ExitCode, check_name, exit_code_for
-from hkstore.errors import DigestMismatchError, HkstoreError
+from hkstore.errors import HkstoreError
 
 if TYPE_CHECKING:
     from hkstore.store._archive import Archive
@@ -28,8 +27,6 @@ __all__ = ["REPORT_FORMAT", "REPORT_VERSION", "VerifyOutcome", "render_verify", 
 REPORT_FORMAT = "hkstore-verify"
 REPORT_VERSION = 1
 CHECKS = ("container", "manifest", "signature", "weights", "digests", "functions")
-_WORKERS = 2
-_BATCH_BYTES = 8 << 20
 
 
 @dataclass
@@ -130,7 +127,7 @@ def _steps(archive: Archive, trust: Trust, outcome: VerifyOutcome) -> None:
     entries = archive.tensor_entries()  # header digest + cross-check against the manifest
     total = sum(e.nbytes for e in entries.values())
     outcome.passed("weights", f"{m.weights.member}: header matches the manifest")
-    outcome.bytes = _check_digests(archive, [t.name for t in m.tensors], entries, total)
+    outcome.bytes = _check_digests(archive, total)
     outcome.tensors = len(m.tensors)
     outcome.passed("digests", f"{outcome.tensors} tensors, {human_bytes(total)}, sha256 match")
     if m.pickle is None:
@@ -141,69 +138,13 @@ def _steps(archive: Archive, trust: Trust, outcome: VerifyOutcome) -> None:
                        "not unpickled")
 
 
-def _check_digests(archive: Archive, names: list[str], entries: dict[str, Any],
-                   total: int) -> int:
-    """Read and hash every tensor on a few threads; collect every mismatch before raising."""
+def _check_digests(archive: Archive, total: int) -> int:
+    """Check every tensor digest (bounded memory, all mismatches named) with a progress line."""
     progress = Progress("verifying", total)
-    bad: list[DigestMismatchError] = []
-    done = 0
     try:
-        for batch, future in _submitted(_batches(names, entries), archive):
-            bad.extend(future.result())
-            size = sum(entries[name].nbytes for name in batch)
-            done += size
-            progress.advance(size)
+        return archive.check_digests(progress=progress.advance)
     finally:
         progress.close()
-    if len(bad) == 1:
-        raise bad[0]
-    if bad:
-        raise DigestMismatchError(
-            f"{len(bad)} tensors do not match their SHA-256 digest:\n"
-            + "\n".join(str(exc) for exc in bad)
-        )
-    return done
-
-
-def _batches(names: list[str], entries: dict[str, Any]) -> list[list[str]]:
-    """Group tensors, in order, into batches of about ``_BATCH_BYTES`` (one big tensor alone).
-
-    Small tensors share a task, so a model of many tiny tensors does not pay a thread hand-off
-    per tensor; memory in flight stays about ``window x max(_BATCH_BYTES, largest tensor)``.
-    """
-    batches: list[list[str]] = [[]]
-    size = 0
-    for name in names:
-        if size >= _BATCH_BYTES:
-            batches.append([])
-            size = 0
-        batches[-1].append(name)
-        size += entries[name].nbytes
-    return [b for b in batches if b]
-
-
-def _submitted(batches: list[list[str]], archive: Archive,
-               ) -> Iterator[tuple[list[str], Future[list[DigestMismatchError]]]]:
-    """Submit batches in order with at most ``2 * workers`` in flight (bounded memory)."""
-    window = 2 * _WORKERS
-    with ThreadPoolExecutor(_WORKERS, thread_name_prefix="hkstore-verify") as pool:
-        pending: list[tuple[list[str], Future[list[DigestMismatchError]]]] = []
-        for batch in batches:
-            pending.append((batch, pool.submit(_read_batch, archive, batch)))
-            if len(pending) >= window:
-                yield pending.pop(0)
-        yield from pending
-
-
-def _read_batch(archive: Archive, names: list[str]) -> list[DigestMismatchError]:
-    """Read each tensor with its digest checked (arrays dropped at once); return mismatches."""
-    bad = []
-    for name in names:
-        try:
-            archive.tensor(name, verify=True)
-        except DigestMismatchError as exc:
-            bad.append(exc)
-    return bad
 
 
 def render_verify(report: dict[str, Any]) -> str:
