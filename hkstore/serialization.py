@@ -27,7 +27,6 @@ from hkstore.errors import (
     NotInitializedError,
     SignatureError,
     UnsupportedVersionError,
-    UntrustedKeyError,
 )
 from hkstore.store._archive import ArchiveContent, open_archive, write_archive
 from hkstore.store._atomic import atomic_write
@@ -38,7 +37,7 @@ from hkstore.store._gate import ROLES, resolve_functions
 from hkstore.store._limits import DEFAULT_LIMITS, Limits
 from hkstore.store._manifest import Manifest, writer_versions
 from hkstore.store._records import PickleRecord
-from hkstore.store._signing import Signer
+from hkstore.store._signing import Signer, verify_with
 from hkstore.store._trust import Trust
 from hkstore.store._weights import TensorSpec
 
@@ -456,14 +455,16 @@ def _config_signature(cfg: Mapping[str, Any], trust: Trust) -> str | None:
     except (KeyError, TypeError, ValueError) as exc:
         raise SignatureError(f"config: malformed signature ({exc})") from None
     unsigned = {**cfg, "signature": None}
-    payload = CONFIG_SIGNATURE_CONTEXT + canonical_json(unsigned)
-    for verifier in trust.verifiers:
-        if verifier.key_id == key_id and verifier.algorithm == algorithm:
-            if not verifier.verify(payload, raw):
-                raise SignatureError(f"config: signature by {key_id} does not verify")
-            return str(key_id)
-    trusted = ", ".join(v.key_id for v in trust.verifiers)
-    raise UntrustedKeyError(f"config is signed by {key_id}, which is not trusted ({trusted})")
+    return verify_with(
+        trust.verifiers,
+        key_id=str(key_id),
+        algorithm=str(algorithm),
+        payload=CONFIG_SIGNATURE_CONTEXT + canonical_json(unsigned),
+        signature=raw,
+        where="config",
+        signed="the config",
+        content="config",
+    )
 
 
 def _config_blob(cfg: Mapping[str, Any]) -> bytes:

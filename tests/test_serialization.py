@@ -66,6 +66,7 @@ from hkstore.errors import (
     RuntimeMismatchError,
     SignatureError,
     UnsafeTrustWarning,
+    UnsupportedVersionError,
     UntrustedKeyError,
     WeightsFormatError,
     WeightsMismatchError,
@@ -302,7 +303,7 @@ def test_from_config_with_pickled_functions_needs_signature_and_allow_pickle() -
         HaikuModel.from_config(signed, trust=Trust(allow_pickle=True))
     with pytest.raises(RefusedCodeError, match="not signed by any of the trusted keys"):
         HaikuModel.from_config(unsigned, trust=Trust(allow_pickle=True, keys=[signer]))
-    with pytest.raises(UntrustedKeyError, match=f"config is signed by {signer.key_id}"):
+    with pytest.raises(UntrustedKeyError, match=f"config: signed by {signer.key_id}"):
         HaikuModel.from_config(signed, trust=Trust(allow_pickle=True, keys=[HmacKey.generate()]))
     tampered = {**signed, "seed": 4}
     with pytest.raises(SignatureError, match=f"signature by {signer.key_id} does not verify"):
@@ -314,6 +315,34 @@ def test_from_config_with_pickled_functions_needs_signature_and_allow_pickle() -
             unsigned, trust=Trust(allow_pickle=True, allow_unsigned=True)
         )
     assert_same_model(again, model)
+
+
+def test_from_config_checks_the_signature_even_when_the_caller_passes_the_functions() -> None:
+    signer = HmacKey.generate()
+    model = HaikuModel(mlp_model, xent_loss, seed=3)
+    model.initialize({"data_type": "float32", "features_shape": [4]})
+    unsigned = model.get_config()
+    signed = model.get_config(signer=signer)
+    strict = Trust(keys=[signer], require_signature=True)
+    with pytest.raises(SignatureError, match="config is unsigned"):
+        HaikuModel.from_config(unsigned, trust=strict, model=mlp_model, loss=xent_loss)
+    with pytest.raises(SignatureError, match="does not verify"):
+        HaikuModel.from_config({**signed, "seed": 9}, trust=strict, model=mlp_model,
+                               loss=xent_loss)
+    rebuilt = HaikuModel.from_config(signed, trust=strict, model=mlp_model, loss=xent_loss)
+    assert_same_model(rebuilt, model)
+
+
+def test_from_config_refuses_a_malformed_pickle_record_and_a_future_version() -> None:
+    model = HaikuModel(mlp_model, xent_loss, seed=3)
+    model.initialize({"data_type": "float32", "features_shape": [4]})
+    config = model.get_config()
+    with pytest.raises(ManifestError, match="'pickle' must be null or an object"):
+        HaikuModel.from_config({**config, "pickle": "x"})
+    with pytest.raises(UnsupportedVersionError, match="config: version 2 is not supported"):
+        HaikuModel.from_config({**config, "version": 2})
+    with pytest.raises(ManifestError, match="'version' must be an integer"):
+        HaikuModel.from_config({**config, "version": True})
 
 
 class FailingSigner:

@@ -613,20 +613,61 @@ def verify_manifest_signature(
             f"{document.manifest_sha256}, but manifest.json has sha256 {actual} "
             "(signature replayed from another archive, or manifest changed)"
         )
-    candidates = [
-        v for v in verifiers if v.key_id == document.key_id and v.algorithm == document.algorithm
-    ]
+    return verify_with(
+        verifiers,
+        key_id=document.key_id,
+        algorithm=document.algorithm,
+        payload=signing_payload(manifest),
+        signature=document.signature,
+        where=SIGNATURE_MEMBER,
+        signed="manifest.json",
+        content="manifest",
+    )
+
+
+def verify_with(
+    verifiers: Sequence[Verifier],
+    *,
+    key_id: str,
+    algorithm: str,
+    payload: bytes,
+    signature: bytes,
+    where: str,
+    signed: str,
+    content: str,
+) -> str:
+    """Verify ``signature`` over ``payload`` with the caller's verifier for ``key_id``.
+
+    The verifier is chosen by key id *and* algorithm among the caller's ``verifiers`` (never
+    from the signed data).
+
+    Args:
+        verifiers: the trusted keys.
+        key_id, algorithm: what the signature claims.
+        payload: the exact signed bytes (context prefix included).
+        signature: the raw signature.
+        where: names the signature in messages (``"signature.json"``, ``"config"``).
+        signed: names what was signed, for messages (``"manifest.json"``).
+        content: what may have been tampered with besides the signature (``"manifest"``).
+
+    Returns:
+        ``key_id``, once verified.
+
+    Raises:
+        UntrustedKeyError: no trusted verifier has that key id and algorithm.
+        SignatureError: the signature does not verify.
+    """
+    candidates = [v for v in verifiers if v.key_id == key_id and v.algorithm == algorithm]
     if not candidates:
         trusted = ", ".join(sorted({v.key_id for v in verifiers})) or "none given"
         raise UntrustedKeyError(
-            f"{SIGNATURE_MEMBER}: signed by {document.key_id} ({document.algorithm}), which is "
-            f"not a trusted key (trusted: {trusted})"
+            f"{where}: signed by {key_id} ({algorithm}), which is not a trusted key "
+            f"(trusted: {trusted})"
         )
-    payload = signing_payload(manifest)
     for verifier in candidates:
-        if verifier.verify(payload, document.signature):
-            return document.key_id
+        if verifier.verify(payload, signature):
+            return key_id
     raise SignatureError(
-        f"{SIGNATURE_MEMBER}: the {document.algorithm} signature by {document.key_id} does "
-        "not verify over manifest.json (tampered signature or manifest)"
+        f"{where}: the {algorithm} signature by {key_id} does not verify over {signed} "
+        f"(tampered signature or {content})"
     )
