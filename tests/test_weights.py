@@ -706,3 +706,25 @@ def test_parse_header_refuses_shapes_numpy_cannot_hold(shape: list[int], message
     member = struct.pack("<Q", len(header)) + header
     with pytest.raises(WeightsFormatError, match=re.escape(message)):
         WeightsReader(member, 0, len(member)).read_all(None)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_read_all_of_a_multi_mib_member_checks_every_digest_on_any_thread_count(
+    workers: int,
+) -> None:
+    # big enough for the threaded path (> 1 MiB in all), with a small tensor batched too
+    arrays = {
+        "big:w": np.arange(600_000, dtype=np.float32).reshape(600, 1000),
+        "big:b": np.arange(1000, dtype=np.float32),
+        "other:w": -np.arange(300_000, dtype=np.float32),
+    }
+    member, written = write_member(arrays)
+    loaded = WeightsReader(member).read_all(written.tensor_sha256, workers=workers)
+    assert all(same(loaded[name], value) for name, value in arrays.items())
+    entries, start, _ = parse_header(member)
+    flipped = bytearray(member)
+    for name in ("big:w", "other:w"):
+        entry = next(e for e in entries if e.name == name)
+        flipped[start + entry.begin + 12345] ^= 0x10
+    with pytest.raises(DigestMismatchError, match=r"2 tensor\(s\) do not match"):
+        WeightsReader(bytes(flipped)).read_all(written.tensor_sha256, workers=workers)
