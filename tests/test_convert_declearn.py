@@ -26,7 +26,7 @@ import ml_dtypes
 import msgpack
 import numpy as np
 import pytest
-from helpers_archives import malicious_pickle
+from helpers_archives import default_tensors, malicious_pickle
 
 from hkstore._cli._declearn import (
     DeclearnFormatError,
@@ -74,13 +74,8 @@ def declearn_config(model: bytes, loss: bytes, data_info: dict[str, Any] | None 
 
 
 def weights(seed: int = 0) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    return {
-        "mlp/~/linear_0:b": rng.standard_normal(8).astype(np.float32),
-        "mlp/~/linear_0:w": rng.standard_normal((4, 8)).astype(np.float32),
-        "mlp/~/linear_1:b": rng.standard_normal(3).astype(np.float32),
-        "mlp/~/linear_1:w": rng.standard_normal((8, 3)).astype(np.float32),
-    }
+    """The declearn checkpoint's weights: the shared small MLP of the archive helpers."""
+    return default_tensors(seed)
 
 
 def make_checkpoint(folder: Path, *, config: dict | None = None,

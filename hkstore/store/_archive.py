@@ -249,6 +249,7 @@ class Archive:
                 read_signature_document(self._member_bytes(SIGNATURE), limits)
             self._weights: WeightsReader | None = None
             self._digests: dict[str, str] | None = None
+            self._verified: tuple[Trust, str] | None = None
         except BaseException:
             self.close()
             raise
@@ -413,10 +414,14 @@ class Archive:
                     "the trust policy requires a signature but lists no keys to verify it with"
                 )
             return None
-        return verify_manifest_signature(
+        if self._verified is not None and self._verified[0] is trust:
+            return self._verified[1]  # load() checks first, the gate asks again: verify once
+        key_id = verify_manifest_signature(
             self._member_bytes(SIGNATURE), self.manifest_bytes, trust.verifiers,
             limits=self.limits,
         )
+        self._verified = (trust, key_id)
+        return key_id
 
     def verify(self, trust: Trust | None = None) -> VerifyReport:
         """Check everything: structure, manifest schema, every digest, and the signature.
