@@ -2,8 +2,10 @@
 
 Map of the package:
 
-- ``hkstore.HaikuModel``, ``JaxNumpyVector``, ``DevicePolicy`` and the device-policy helpers:
-  the model wrapper (``hkstore.model``; imports jax, lazily on first use).
+- ``hkstore.HaikuModel``, ``JaxNumpyVector``, ``DevicePolicy`` and the device-policy helpers,
+  ``ModelState`` / ``RngState`` (a model's full state, the hook saving and checkpoints use):
+  the model wrapper (``hkstore.model``; imports jax, lazily on first use; needs the ``haiku``
+  extra: without it, touching these names raises an ``ImportError`` naming the extra).
 - ``hkstore.save`` / ``load`` / ``dumps`` / ``loads`` / ``open_archive``: the archive format
   (``hkstore.store``, which never imports jax).
 - ``hkstore.Trust`` and the key helpers: what a loader agrees to import or unpickle.
@@ -25,12 +27,14 @@ if TYPE_CHECKING:
     from hkstore.model import DevicePolicy as DevicePolicy
     from hkstore.model import HaikuModel as HaikuModel
     from hkstore.model import JaxNumpyVector as JaxNumpyVector
+    from hkstore.model import ModelState as ModelState
+    from hkstore.model import RngState as RngState
     from hkstore.model import get_device_policy as get_device_policy
     from hkstore.model import set_device_policy as set_device_policy
-    from hkstore.serialization import dumps as dumps
-    from hkstore.serialization import load as load
-    from hkstore.serialization import loads as loads
-    from hkstore.serialization import save as save
+    from hkstore.saving import dumps as dumps
+    from hkstore.saving import load as load
+    from hkstore.saving import loads as loads
+    from hkstore.saving import save as save
     from hkstore.store import Archive as Archive
     from hkstore.store import Ed25519Signer as Ed25519Signer
     from hkstore.store import Ed25519Verifier as Ed25519Verifier
@@ -48,10 +52,10 @@ if TYPE_CHECKING:
 # name -> module that defines it; resolved on first access so that `import hkstore` stays
 # free of jax (the storage layer and the CLI must run where jax is not installed).
 _LAZY: dict[str, str] = {
-    "save": "hkstore.serialization",
-    "load": "hkstore.serialization",
-    "dumps": "hkstore.serialization",
-    "loads": "hkstore.serialization",
+    "save": "hkstore.saving",
+    "load": "hkstore.saving",
+    "dumps": "hkstore.saving",
+    "loads": "hkstore.saving",
     "open_archive": "hkstore.store",
     "Archive": "hkstore.store",
     "VerifyReport": "hkstore.store",
@@ -67,6 +71,8 @@ _LAZY: dict[str, str] = {
     "load_hmac_key": "hkstore.store",
     "HaikuModel": "hkstore.model",
     "JaxNumpyVector": "hkstore.model",
+    "ModelState": "hkstore.model",
+    "RngState": "hkstore.model",
     "DevicePolicy": "hkstore.model",
     "get_device_policy": "hkstore.model",
     "set_device_policy": "hkstore.model",

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 __all__ = [
     "ArchiveFormatError",
+    "ConfigError",
     "ContainerError",
     "DataInfoError",
     "DigestMismatchError",
@@ -26,9 +27,11 @@ __all__ = [
     "LimitExceededError",
     "ManifestError",
     "MissingDependencyError",
+    "ModelFunctionError",
     "NotImportableError",
     "NotInitializedError",
     "RefusedCodeError",
+    "RngStateError",
     "RuntimeMismatchError",
     "SignatureError",
     "TrustPolicyError",
@@ -59,6 +62,10 @@ class ContainerError(ArchiveFormatError):
 
 class ManifestError(ArchiveFormatError):
     """``manifest.json`` is not valid canonical JSON or does not match the v1 schema."""
+
+
+class ConfigError(ArchiveFormatError):
+    """A model config (``HaikuModel.get_config()``'s document) is malformed (schema v1)."""
 
 
 class WeightsFormatError(ArchiveFormatError):
@@ -138,8 +145,16 @@ class DataInfoError(HkstoreError, ValueError):
     """``data_info`` is missing a field, has a bad value, or conflicts with an earlier one."""
 
 
+class RngStateError(HkstoreError, ValueError):
+    """A random state that is not one PRNG key of a known implementation."""
+
+
 class NotInitializedError(HkstoreError, ValueError):
     """The model must be initialized (``initialize(data_info)``) before this call."""
+
+
+class ModelFunctionError(HkstoreError, RuntimeError):
+    """The caller's model function raised while hkstore traced it (the cause is chained)."""
 
 
 class NotImportableError(HkstoreError, ValueError):

@@ -588,7 +588,7 @@ def test_verbs_import_neither_jax_nor_the_model_layer(archive: Path, tmp_path: P
         "import sys\n"
         "from hkstore.cli import main\n"
         "codes = [main(a) for a in sys.argv[1:]]\n"
-        "heavy = ('jax', 'haiku', 'hkstore.model', 'hkstore.serialization', 'cloudpickle')\n"
+        "heavy = ('jax', 'haiku', 'hkstore.model', 'hkstore.saving', 'cloudpickle')\n"
         "print(codes, sorted(m for m in heavy if m in sys.modules))\n"
     )
     argv = [str(["inspect", str(archive)]), str(["verify", str(archive)]),

@@ -13,7 +13,7 @@ import io
 import re
 from pathlib import Path
 
-from hkstore.serialization import CONFIG_SIGNATURE_CONTEXT
+from hkstore.store._config import CONFIG_SIGNATURE_CONTEXT
 from hkstore.store._container import ARCHIVE_COMMENT, MEMBER_NAMES, ContainerWriter
 from hkstore.store._dtypes import DTYPES
 from hkstore.store._limits import DEFAULT_LIMITS, Limits

@@ -35,6 +35,7 @@ from hkstore.store._functions import (
     resolve_reference,
     unpickle_functions,
 )
+from hkstore.store._trust import Trust
 from hkstore.store._zstd import compress
 
 _NOT_JSON: Any = object()
@@ -93,7 +94,7 @@ def test_function_reference_round_trips(fn: Any, ref: str, kwargs: dict[str, Any
     spec = function_reference(fn)
     assert spec == {"kind": "reference", "ref": ref, "kwargs": kwargs}
     allowed = [ref.split(":")[0].split(".")[0]]
-    resolved = resolve_reference(spec, allowed_modules=allowed)
+    resolved = resolve_reference(spec, Trust(modules=allowed))
     if kwargs:
         assert isinstance(resolved, functools.partial)
         assert resolved.func is getattr(fn, "func", fn) and resolved.keywords == kwargs
@@ -103,7 +104,7 @@ def test_function_reference_round_trips(fn: Any, ref: str, kwargs: dict[str, Any
 
 def test_resolved_partial_calls_with_its_kwargs() -> None:
     spec = function_reference(functools.partial(fnrefs.scaled_loss, scale=2.0, power=1))
-    loss = resolve_reference(spec, allowed_modules=["fnrefs"])
+    loss = resolve_reference(spec, Trust(modules=["fnrefs"]))
     assert loss(3.0, 1.0) == 4.0
 
 
@@ -186,7 +187,7 @@ def test_function_reference_refuses(fn: Any, message: str) -> None:
 
 def test_resolve_imports_an_allowed_module(canary: tuple[str, Path]) -> None:
     name, flag = canary  # positive control: the canary does fire when imported
-    fn = resolve_reference(_ref(f"{name}:fn"), allowed_modules=[name])
+    fn = resolve_reference(_ref(f"{name}:fn"), Trust(modules=[name]))
     assert fn(3) == 3
     assert flag.exists()
 
@@ -265,7 +266,7 @@ def test_resolve_refuses_before_importing(
     name, flag = canary
     with pytest.raises(RefusedCodeError) as info:
         resolve_reference(
-            _ref(ref.format(m=name)), allowed_modules=[a.format(m=name) for a in allowed]
+            _ref(ref.format(m=name)), Trust(modules=[a.format(m=name) for a in allowed])
         )
     assert str(info.value) == message.format(m=name)
     assert name not in sys.modules
@@ -274,24 +275,24 @@ def test_resolve_refuses_before_importing(
 
 def test_resolve_refuses_a_module_that_only_shares_a_prefix() -> None:
     with pytest.raises(RefusedCodeError, match=r"module 'fnrefsx' is not in the allowed modules"):
-        resolve_reference(_ref("fnrefsx:forward"), allowed_modules=["fnrefs"])
+        resolve_reference(_ref("fnrefsx:forward"), Trust(modules=["fnrefs"]))
     assert "fnrefsx" not in sys.modules
 
 
 def test_resolve_refuses_a_name_imported_from_elsewhere() -> None:
     # fnrefs does `from math import sqrt`: allowing fnrefs must not allow math.
     with pytest.raises(RefusedCodeError) as info:
-        resolve_reference(_ref("fnrefs:sqrt"), allowed_modules=["fnrefs"])
+        resolve_reference(_ref("fnrefs:sqrt"), Trust(modules=["fnrefs"]))
     assert str(info.value) == (
         "reference 'fnrefs:sqrt': fnrefs:sqrt is defined in module 'math', which is not in the "
         "allowed modules"
     )
-    assert resolve_reference(_ref("fnrefs:sqrt"), allowed_modules=["fnrefs", "math"])(4) == 2
+    assert resolve_reference(_ref("fnrefs:sqrt"), Trust(modules=["fnrefs", "math"]))(4) == 2
 
 
 def test_resolve_refuses_to_walk_through_a_module() -> None:
     with pytest.raises(RefusedCodeError) as info:
-        resolve_reference(_ref("fnrefs:functools.partial"), allowed_modules=["fnrefs"])
+        resolve_reference(_ref("fnrefs:functools.partial"), Trust(modules=["fnrefs"]))
     assert str(info.value) == (
         "reference 'fnrefs:functools.partial': fnrefs:functools is a module; the name after ':' "
         "must lead to a function, not through modules"
@@ -311,7 +312,7 @@ def test_resolve_refuses_to_walk_through_a_module() -> None:
 )
 def test_resolve_reports_missing_or_uncallable_names(ref: str, message: str) -> None:
     with pytest.raises(NotImportableError) as info:
-        resolve_reference(_ref(ref), allowed_modules=["fnrefs"])
+        resolve_reference(_ref(ref), Trust(modules=["fnrefs"]))
     assert str(info.value) == message
 
 
@@ -322,26 +323,34 @@ def test_resolve_reports_an_allowed_module_that_fails_to_import(
     (tmp_path / f"{name}.py").write_text("raise RuntimeError('broken on purpose')\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     with pytest.raises(NotImportableError) as info:
-        resolve_reference(_ref(f"{name}:fn"), allowed_modules=[name])
+        resolve_reference(_ref(f"{name}:fn"), Trust(modules=[name]))
     assert str(info.value) == (
         f"reference '{name}:fn': cannot import module '{name}' (RuntimeError: broken on purpose)"
     )
     with pytest.raises(NotImportableError, match=r"\(ModuleNotFoundError: No module named"):
-        resolve_reference(_ref("hk_missing_module:fn"), allowed_modules=["hk_missing_module"])
+        resolve_reference(_ref("hk_missing_module:fn"), Trust(modules=["hk_missing_module"]))
 
 
 def test_resolve_checks_its_arguments() -> None:
-    with pytest.raises(TypeError, match=r"not one str"):
-        resolve_reference(_ref("fnrefs:forward"), allowed_modules="fnrefs")
-    with pytest.raises(RefusedCodeError, match=r"^allowed module 'my-pkg' is not a dotted"):
-        resolve_reference(_ref("fnrefs:forward"), allowed_modules=["my-pkg"])
+    with pytest.raises(TypeError, match=r"^resolve_reference: expected a Trust, got list$"):
+        resolve_reference(_ref("fnrefs:forward"), ["fnrefs"])  # type: ignore[arg-type]
     with pytest.raises(RefusedCodeError, match=r"is not a reference$"):
-        resolve_reference({"kind": "pickle"}, allowed_modules=["fnrefs"])
+        resolve_reference({"kind": "pickle"}, Trust(modules=["fnrefs"]))
     with pytest.raises(RefusedCodeError, match=r"kwargs must be a JSON object"):
         resolve_reference(
             {"kind": "reference", "ref": "fnrefs:forward", "kwargs": [1]},
-            allowed_modules=["fnrefs"],
+            Trust(modules=["fnrefs"]),
         )
+
+
+def test_resolve_uses_the_rules_trust_documents() -> None:
+    """The gate's allowlist is Trust's own: allows_module to import, allows_definition_in after."""
+    trust = Trust(modules=["fnrefs"])
+    assert trust.allows_module("fnrefs") and not trust.allows_module("fnrefsx")
+    assert trust.allows_definition_in("fnrefs") and not trust.allows_definition_in("math")
+    assert resolve_reference(_ref("fnrefs:forward"), trust) is fnrefs.forward
+    with pytest.raises(RefusedCodeError, match="defined in module 'math'"):
+        resolve_reference(_ref("fnrefs:sqrt"), trust)
 
 
 # --- the pickle blob ------------------------------------------------------------------------

@@ -6,7 +6,9 @@ default device by accident shows up as a device mismatch.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -34,10 +36,12 @@ from helpers_models import (
 from hkstore.errors import (
     DataInfoError,
     HkstoreError,
+    ModelFunctionError,
     NotInitializedError,
+    RngStateError,
     WeightsMismatchError,
 )
-from hkstore.model import HaikuModel, JaxNumpyVector
+from hkstore.model import HaikuModel, JaxNumpyVector, ModelState, RngState
 
 DEV1 = jax.devices()[1]
 MLP_INFO = {"data_type": "float32", "features_shape": (5,)}
@@ -542,20 +546,26 @@ def test_set_trainable_weights_names_unknown_names_in_a_keyerror() -> None:
     assert model.get_weight_names(trainable=True) == before
 
 
-# --- hooks for the serialization layer ------------------------------------------------
+# --- the model-state hook and the random state ----------------------------------------
+
+
+def _state(source: HaikuModel, **changes: Any) -> ModelState:
+    return dataclasses.replace(source.export_state(), **changes)
 
 
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
-def test_weight_specs_host_weights_and_restore_round_trip(case: ToyCase) -> None:
+def test_export_state_and_from_state_round_trip(case: ToyCase) -> None:
     model = case.build(seed=4)
     model.apply_updates(model.compute_batch_gradients(case.batch()))
-    specs = model._weight_specs()
-    assert [s[0] for s in specs] == model.get_weight_names()
+    state = model.export_state()
+    assert state.seed == 4 and state.model is case.model and state.loss is case.loss
+    assert state.data_info == model.data_info
+    assert list(state.trainable) == model.get_weight_names(trainable=True)
     weights = host(model.get_weights())
-    assert [(n, d, s) for n, d, s in specs] == [
+    assert [(s.name, s.dtype, s.shape) for s in state.weight_specs()] == [
         (n, v.dtype, v.shape) for n, v in weights.items()
     ]
-    streamed = model._host_weights()
+    streamed = state.host_weights()
     assert iter(streamed) is streamed  # lazy: one tensor at a time
     fetched = dict(streamed)
     assert list(fetched) == list(weights)
@@ -563,17 +573,14 @@ def test_weight_specs_host_weights_and_restore_round_trip(case: ToyCase) -> None
         assert isinstance(value, np.ndarray)
         np.testing.assert_array_equal(value, weights[name])
 
-    restored = HaikuModel._restore(
-        case.model,
-        case.loss,
-        seed=4,
-        data_info={"data_type": "float32", "features_shape": list(case.features_shape)},
-        weights={k: v.copy() for k, v in weights.items()},
-        trainable=list(reversed(model.get_weight_names(trainable=True))),
+    restored = HaikuModel.from_state(
+        _state(model, weights={k: v.copy() for k, v in weights.items()},
+               trainable=list(reversed(model.get_weight_names(trainable=True))))
     )
     assert restored.get_weights() == model.get_weights()
     assert restored.get_weight_names(trainable=True) == model.get_weight_names(trainable=True)
-    assert restored.data_info == model.data_info and restored._seed == 4
+    assert restored.data_info == model.data_info and restored.export_state().seed == 4
+    assert restored.rng_state == model.rng_state
     assert restored.required_data_info == set()
     assert all(
         isinstance(v, jax.Array) and v.devices() == {DEV1}
@@ -583,7 +590,31 @@ def test_weight_specs_host_weights_and_restore_round_trip(case: ToyCase) -> None
     assert restored.compute_batch_gradients(batch) == model.compute_batch_gradients(batch)
 
 
-def test_restore_names_every_mismatch_and_unknown_trainable_names() -> None:
+def test_export_state_is_a_snapshot_that_later_training_does_not_change() -> None:
+    case = CASES[0]
+    model = case.build(seed=1)
+    state = model.export_state()
+    before = {name: np.array(value) for name, value in state.host_weights()}
+    rng_before = state.rng
+    model.apply_updates(model.compute_batch_gradients(case.batch()) * -1.0)
+    assert model.rng_state != rng_before  # the model moved on
+    after = dict(state.host_weights())
+    assert all(np.array_equal(after[n], before[n]) for n in before)
+    assert state.rng == rng_before
+
+
+def test_from_state_of_a_model_that_was_not_initialized() -> None:
+    model = HaikuModel(mlp_model, xent_loss, seed=5)
+    state = model.export_state()
+    assert state.data_info is None and dict(state.weights) == {} and not state.initialized
+    again = HaikuModel.from_state(state)
+    assert again.required_data_info == {"data_type", "features_shape"}
+    assert again.rng_state == model.rng_state
+    with pytest.raises(WeightsMismatchError, match="without data info cannot have weights"):
+        HaikuModel.from_state(dataclasses.replace(state, trainable=("a:w",)))
+
+
+def test_from_state_names_every_mismatch_and_unknown_trainable_names() -> None:
     model = CASES[0].build()
     weights = host(model.get_weights())
     bad = dict(weights)
@@ -591,39 +622,84 @@ def test_restore_names_every_mismatch_and_unknown_trainable_names() -> None:
     bad["extra:w"] = np.zeros(2, np.float32)
     bad["mlp/~/linear_0:b"] = np.zeros(8, np.float64)
     bad["mlp/~/linear_0:w"] = np.zeros((8, 5), np.float32)
-    kwargs: dict[str, Any] = {"seed": 0, "data_info": MLP_INFO, "trainable": []}
     with pytest.raises(WeightsMismatchError) as info:
-        HaikuModel._restore(mlp_model, xent_loss, weights=bad, **kwargs)
+        HaikuModel.from_state(_state(model, weights=bad, trainable=()))
     message = str(info.value)
-    assert message.startswith("restore: 4 mismatch(es) between the stored weights and the model")
+    assert message.startswith("from_state: 4 mismatch(es) between the stored weights and the model")
     for part in ("'mlp/~/linear_1:w'", "'extra:w'", "dtype float64", "shape (8, 5) given"):
         assert part in message
-    kwargs["trainable"] = ["mlp/~/linear_0:w", "ghost:w"]
     with pytest.raises(WeightsMismatchError, match="'ghost:w'"):
-        HaikuModel._restore(mlp_model, xent_loss, weights=weights, **kwargs)
+        HaikuModel.from_state(_state(model, trainable=("mlp/~/linear_0:w", "ghost:w")))
     with pytest.raises(DataInfoError):
-        HaikuModel._restore(
-            mlp_model, xent_loss, seed=0, data_info={"data_type": "float32"},
-            weights=weights, trainable=[],
-        )
+        HaikuModel.from_state(_state(model, data_info={"data_type": "float32"}))
 
 
-def test_restore_keeps_the_random_state_initialize_would_leave() -> None:
+def test_from_state_does_not_relabel_a_failing_model_function() -> None:
+    """A model function that raises while traced is a ModelFunctionError, never a mismatch."""
+    model = CASES[0].build()
+
+    def broken(x: jax.Array) -> jax.Array:
+        raise ZeroDivisionError("the user's own bug")
+
+    with pytest.raises(ModelFunctionError) as info:
+        HaikuModel.from_state(_state(model, model=broken))
+    assert not isinstance(info.value, WeightsMismatchError)
+    assert isinstance(info.value.__cause__, ZeroDivisionError)
+    assert "ZeroDivisionError: the user's own bug" in str(info.value)
+
+
+def test_from_state_without_rng_keeps_the_state_initialize_would_leave() -> None:
     fresh = HaikuModel(noisy_model, mse_loss, seed=21)
     fresh.initialize({"data_type": "float32", "features_shape": (3,)})
-    restored = HaikuModel._restore(
-        noisy_model,
-        mse_loss,
-        seed=21,
-        data_info={"data_type": "float32", "features_shape": (3,)},
-        weights=host(fresh.get_weights()),
-        trainable=fresh.get_weight_names(),
-    )
+    restored = HaikuModel.from_state(_state(fresh, rng=None, weights=host(fresh.get_weights())))
+    assert restored.rng_state == fresh.rng_state
     batch = (np.ones((2, 3), np.float32), np.zeros((2, 1), np.float32), None)
     assert restored.compute_batch_gradients(batch) == fresh.compute_batch_gradients(batch)
 
 
-def test_restore_does_not_copy_aligned_host_buffers_on_cpu() -> None:
+def test_rng_state_is_the_current_key_and_setting_it_replays_the_same_draws() -> None:
+    model = HaikuModel(noisy_model, mse_loss, seed=3)
+    model.initialize({"data_type": "float32", "features_shape": (3,)})
+    batch = (np.ones((2, 3), np.float32), np.zeros((2, 1), np.float32), None)
+    saved = model.rng_state
+    assert saved.impl == "threefry2x32" and len(saved.key_data) == 2
+    first = model.compute_batch_gradients(batch)
+    assert model.rng_state != saved  # each step splits the key
+    second = model.compute_batch_gradients(batch)
+    assert first != second  # noisy_model draws from the key: different keys, different grads
+    model.rng_state = saved
+    assert model.compute_batch_gradients(batch) == first
+    assert next(iter(model._rng.devices())) == model._device  # placed on the model's device
+    model.rng_state = jax.random.key(11)  # a typed key
+    assert model.rng_state == RngState("threefry2x32", (0, 11))
+    model.rng_state = jax.random.PRNGKey(12)  # a raw uint32[2] key
+    assert model.rng_state == RngState("threefry2x32", (0, 12))
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        (RngState.__new__(RngState), None),
+        ("threefry", "expected an RngState, a jax PRNG key"),
+        (np.zeros(3, np.uint32), "of dtype uint32 and shape (3,)"),
+        (jax.random.split(jax.random.key(0)), "expected one key, got keys of shape (2,)"),
+    ],
+)
+def test_rng_state_refuses_what_is_not_one_key(value: Any, message: str | None) -> None:
+    model = HaikuModel(mlp_model, xent_loss, seed=0)
+    before = model.rng_state
+    if message is None:
+        with pytest.raises(RngStateError, match="is not one of"):
+            RngState("philox", (1, 2))
+        with pytest.raises(RngStateError, match="2 unsigned 32-bit words"):
+            RngState("threefry2x32", (1, 2**32))
+        return
+    with pytest.raises(RngStateError, match=re.escape(message)):
+        model.rng_state = value
+    assert model.rng_state == before
+
+
+def test_from_state_does_not_copy_aligned_host_buffers_on_cpu() -> None:
     model = CASES[0].build()
     aligned = {}
     for name, value in host(model.get_weights()).items():
@@ -632,8 +708,6 @@ def test_restore_does_not_copy_aligned_host_buffers_on_cpu() -> None:
         buf = raw[start : start + value.nbytes].view(value.dtype).reshape(value.shape)
         buf[...] = value
         aligned[name] = buf
-    restored = HaikuModel._restore(
-        mlp_model, xent_loss, seed=0, data_info=MLP_INFO, weights=aligned, trainable=[]
-    )
+    restored = HaikuModel.from_state(_state(model, weights=aligned, trainable=()))
     back = restored.get_weights().coefs
     assert all(np.shares_memory(np.asarray(back[n]), aligned[n]) for n in aligned)

@@ -9,13 +9,19 @@ from __future__ import annotations
 
 import functools
 import secrets
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
 import numpy as np
 
-from hkstore.errors import DataInfoError, NotInitializedError, WeightsMismatchError
+from hkstore.errors import (
+    ArchiveFormatError,
+    DataInfoError,
+    ModelFunctionError,
+    NotInitializedError,
+    WeightsMismatchError,
+)
 from hkstore.model._batch import Batch, place_batch
 from hkstore.model._data_info import REQUIRED_FIELDS, validate_data_info
 from hkstore.model._device import (
@@ -23,7 +29,6 @@ from hkstore.model._device import (
     get_device_policy,
     put_on,
     select_device,
-    to_host,
 )
 from hkstore.model._fit import Spec, check_fit, spec_of
 from hkstore.model._gradients import (
@@ -33,10 +38,22 @@ from hkstore.model._gradients import (
     named_leaves,
     step_functions,
 )
+from hkstore.model._state import ModelState, RngState
 from hkstore.model._trainable import Criterion, select_trainable
 from hkstore.model._vector import JaxNumpyVector
+from hkstore.store import (
+    ROLES,
+    FunctionKind,
+    Signer,
+    Trust,
+    build_config,
+    describe_functions,
+    json_safe,
+    parse_config,
+    pickle_runtime,
+)
 
-__all__ = ["HaikuModel"]
+__all__ = ["HaikuModel", "require_functions"]
 
 
 @functools.partial(jax.jit, keep_unused=True)
@@ -373,91 +390,234 @@ class HaikuModel:
         self._rng = jax.device_put(self._rng, device)
         self._policy, self._device = policy, device
 
-    # --- hooks for the serialization layer ---------------------------------------------
+    # --- random state ------------------------------------------------------------------
 
-    def _weight_specs(self) -> list[tuple[str, np.dtype, tuple[int, ...]]]:
-        """Return ``(name, dtype, shape)`` of every weight in model order (no transfer)."""
-        specs = []
-        for name, value in self._named(self._names).items():
-            shape, dtype = spec_of(value)
-            specs.append((name, dtype, shape))
-        return specs
+    @property
+    def rng_state(self) -> RngState:
+        """The model's current random state: the PRNG key its next step will split.
 
-    def _host_weights(self) -> Iterator[tuple[str, np.ndarray]]:
-        """Yield ``(name, host array)`` in model order, moving ONE tensor at a time to host."""
-        self._require_init("_host_weights")
-        for name in list(self._names):
-            yield name, to_host(self._named([name])[name])
+        Not the seed: a model that trained for a while has moved on from it. Reading gives an
+        :class:`RngState` (plain data); setting accepts one, a typed jax key
+        (``jax.random.key``) or a raw ``uint32[2]`` key, placed on the model's device. Archives
+        and configs carry it, so a reloaded model draws the same random numbers (dropout
+        masks, clipping keys) as the original would have.
+
+        Raises:
+            RngStateError: (on setting) not one PRNG key of a known implementation.
+
+        Example:
+            >>> before = model.rng_state  # doctest: +SKIP
+            >>> model.compute_batch_gradients(batch)  # doctest: +SKIP
+            >>> model.rng_state = before  # replays the same keys  # doctest: +SKIP
+        """
+        return RngState.from_key(self._rng)
+
+    @rng_state.setter
+    def rng_state(self, value: RngState | jax.Array) -> None:
+        self._rng = RngState.from_key(value).to_key(self._device)
+
+    # --- the model-state hook -----------------------------------------------------------
+
+    def export_state(self) -> ModelState:
+        """Return everything needed to write this model out and rebuild it, as a snapshot.
+
+        The snapshot holds the current (immutable) weight arrays, trainable names, data info,
+        seed, random state and functions; nothing is copied to the host until
+        :meth:`ModelState.host_weights` is iterated, and changing the model afterwards does not
+        change the snapshot. Saving, checkpoints and the framework integrations all use it.
+
+        Returns:
+            A :class:`ModelState`; ``data_info`` is ``None`` before :meth:`initialize`.
+
+        Example:
+            >>> state = model.export_state()  # doctest: +SKIP
+            >>> [spec.name for spec in state.weight_specs()][:1]  # doctest: +SKIP
+            ['mlp/~/linear_0:b']
+        """
+        initialized = self._params is not None
+        return ModelState(
+            model=self._model_fn,
+            loss=self._loss_fn,
+            seed=self._seed,
+            data_info=dict(self.data_info) if initialized else None,
+            weights=self._named(self._names) if initialized else {},
+            trainable=tuple(self._trainable),
+            rng=self.rng_state,
+        )
 
     @classmethod
-    def _restore(
-        cls,
-        model_fn: Callable[..., Any],
-        loss_fn: Callable[[Any, Any], Any],
-        *,
-        seed: int | None,
-        data_info: Mapping[str, Any],
-        weights: Mapping[str, np.ndarray],
-        trainable: Sequence[str],
-    ) -> HaikuModel:
-        """Build an initialized model from stored weights, without running the model's init.
+    def from_state(cls, state: ModelState) -> HaikuModel:
+        """Build a model from a :class:`ModelState`, in one all-or-nothing step.
 
-        The expected names, shapes and dtypes come from ``jax.eval_shape`` of the init (no
-        compute, no random init). The arrays are placed on the policy's device as they are
-        (on CPU, jax may alias a suitably aligned numpy buffer: the caller hands over fresh,
-        owned buffers). The random state is the one :meth:`initialize` would leave.
+        The expected names, shapes and dtypes come from ``jax.eval_shape`` of the model's init
+        on the state's data info (no compute, no random init): weights that do not fit are
+        refused, every mismatch named, before any model exists. The arrays are placed on the
+        current device policy's device as they are (on the CPU, jax may alias a suitably
+        aligned numpy buffer: hand over fresh, owned buffers). The random state is the
+        state's, or, when it has none, the one :meth:`initialize` leaves for that seed.
+
+        Args:
+            state: the state; for a model that was not initialized (``data_info=None``) the
+                new model is not initialized either.
+
+        Returns:
+            A new :class:`HaikuModel`.
 
         Raises:
             DataInfoError: bad data info.
             WeightsMismatchError: weights missing, unexpected, or of another shape or dtype, or
-                trainable names that are not weights (all listed at once); or the model
-                function cannot even be initialized on the stored data info.
+                trainable names that are not weights (all listed at once).
+            ModelFunctionError: the model function itself fails when traced on the data info.
+            RngStateError: a bad random state.
         """
-        model = cls(model_fn, loss_fn, seed=seed)
-        info = validate_data_info(data_info, REQUIRED_FIELDS)
+        model = cls(state.model, state.loss, seed=state.seed)
+        if state.data_info is None:
+            if state.weights or state.trainable:
+                raise WeightsMismatchError(
+                    "from_state: a state without data info cannot have weights or trainable "
+                    "names (the model was not initialized)"
+                )
+            if state.rng is not None:
+                model.rng_state = state.rng
+            return model
+        info = validate_data_info(state.data_info, REQUIRED_FIELDS)
         info = {key: info[key] for key in sorted(REQUIRED_FIELDS)}
         rng, key = jax.random.split(model._rng)
         zeros = jax.ShapeDtypeStruct((1, *info["features_shape"]), np.dtype(info["data_type"]))
         try:
             shapes = jax.eval_shape(model._functions().transformed.init, key, zeros)
-        except Exception as exc:  # the model function cannot take the stored data at all
-            raise WeightsMismatchError(
-                f"restore: the model function cannot be initialized on the stored data info "
-                f"(data_type {info['data_type']!r}, features_shape "
-                f"{list(info['features_shape'])}), so the stored weights cannot fit it "
-                f"({type(exc).__name__}: {exc})"
+        except Exception as exc:  # the caller's model function raised: say so, keep the cause
+            raise ModelFunctionError(
+                f"from_state: the model function fails on the stored data info (data_type "
+                f"{info['data_type']!r}, features_shape {list(info['features_shape'])}): "
+                f"{type(exc).__name__}: {exc}"
             ) from exc
         expected = {name: spec_of(value) for name, value in named_leaves(shapes).items()}
-        given = {name: spec_of(value) for name, value in weights.items()}
-        check_fit(expected, given, where="restore", given_as="stored weights")
-        unknown = [name for name in trainable if name not in expected]
+        given = {name: spec_of(value) for name, value in state.weights.items()}
+        check_fit(expected, given, where="from_state", given_as="stored weights")
+        unknown = [name for name in state.trainable if name not in expected]
         if unknown:
             raise WeightsMismatchError(
-                f"restore: {len(unknown)} trainable name(s) are not weights of the model: "
+                f"from_state: {len(unknown)} trainable name(s) are not weights of the model: "
                 f"{', '.join(map(repr, unknown))}"
             )
+        if state.rng is not None:
+            rng = RngState.from_key(state.rng).to_key(model._device)
         where = [(module, param) for module, inner in shapes.items() for param in inner]
-        arrays = [weights[f"{module}:{param}"] for module, param in where]
+        arrays = [state.weights[f"{module}:{param}"] for module, param in where]
         placed = jax.device_put(arrays, model._device)  # one batched transfer, no host copy
         params: Params = {}
         for (module, param), value in zip(where, placed, strict=True):
             params.setdefault(module, {})[param] = value
         model._set_params(params)
         model._rng = rng
-        chosen = set(trainable)
+        chosen = set(state.trainable)
         model._trainable = [name for name in model._names if name in chosen]
         model.data_info = info
         return model
 
-    def get_config(self, **kwargs: Any) -> dict[str, Any]:
-        """Return the model's config (see ``hkstore.serialization.model_to_config``)."""
-        from hkstore.serialization import model_to_config
+    # --- configs --------------------------------------------------------------------------
 
-        return model_to_config(self, **kwargs)
+    def get_config(
+        self, *, functions: FunctionKind = "reference", signer: Signer | None = None
+    ) -> dict[str, Any]:
+        """Return the model's config: a JSON-safe dict with no weights (as in declearn).
+
+        It records the functions, seed, data info, trainable names and random state. Pickled
+        functions travel only with ``functions="pickle"``, base64-encoded with their digest
+        and the writer's Python; sign the config (``signer``) so a receiver can accept them.
+        Format: ``schemas/config.v1.json``.
+
+        Args:
+            functions: ``"reference"`` (default), ``"pickle"`` (opt-in) or ``"none"``.
+            signer: an :class:`~hkstore.Ed25519Signer` or :class:`~hkstore.HmacKey`.
+
+        Raises:
+            NotImportableError: ``functions="reference"`` and a function is not importable.
+
+        Example:
+            >>> config = model.get_config()  # doctest: +SKIP
+            >>> config["functions"]["model"]["ref"]  # doctest: +SKIP
+            'mypkg.nets:forward'
+        """
+        state = self.export_state()
+        specs, blob, raw_size = describe_functions(
+            {"model": state.model, "loss": state.loss}, functions
+        )
+        return build_config(
+            seed=self._seed,
+            data_info=None if state.data_info is None
+            else json_safe(state.data_info, where="data_info"),
+            trainable=None if state.data_info is None else list(state.trainable),
+            functions=specs,
+            pickle_blob=blob,
+            pickle_raw_size=raw_size,
+            pickle_runtime=None if blob is None else pickle_runtime(),
+            rng=None if state.rng is None else state.rng.to_dict(),
+            signer=signer,
+        )
 
     @classmethod
-    def from_config(cls, config: Mapping[str, Any], **kwargs: Any) -> HaikuModel:
-        """Rebuild a model from :meth:`get_config`'s output (see ``model_from_config``)."""
-        from hkstore.serialization import model_from_config
+    def from_config(
+        cls,
+        config: Mapping[str, Any],
+        *,
+        trust: Trust | None = None,
+        model: Callable[..., Any] | None = None,
+        loss: Callable[..., Any] | None = None,
+    ) -> HaikuModel:
+        """Rebuild a model from :meth:`get_config`'s output, through the trust gate.
 
-        return model_from_config(config, **kwargs)
+        Functions the caller passes are used as given; the others come from the config only
+        as ``trust`` allows (see :class:`~hkstore.Trust`). A signature, when present, is
+        checked with ``trust``'s keys even when both functions are passed. When the config
+        has data info the model is initialized (same seed, so the same initial weights),
+        its trainable mask set and its random state restored.
+
+        Args:
+            config: the config document.
+            trust: what the config may make this process import or unpickle.
+            model: the model function (overrides the config's).
+            loss: the loss function (overrides the config's).
+
+        Raises:
+            ConfigError: the config is malformed (naming the field).
+            UnsupportedVersionError: a newer config version.
+            RefusedCodeError, SignatureError, UntrustedKeyError, DigestMismatchError,
+            RuntimeMismatchError: as for :func:`hkstore.load`.
+        """
+        trust = Trust() if trust is None else trust
+        document = parse_config(config)
+        document.check_signature(trust)  # always: a bad or untrusted signature fails
+        given = {"model": model, "loss": loss}
+        missing = [role for role in ROLES if given[role] is None]
+        if missing:
+            given.update(document.resolve_functions(trust, roles=missing))
+        model_fn, loss_fn = require_functions(given, where="config")
+        new = cls(model_fn, loss_fn, seed=document.seed)
+        if document.data_info is not None:
+            new.initialize(document.data_info)
+            if document.trainable is not None:
+                new.set_trainable_weights(list(document.trainable))
+        if document.rng is not None:
+            new.rng_state = RngState(document.rng.impl, document.rng.key_data)
+        return new
+
+
+def require_functions(
+    given: Mapping[str, Callable[..., Any] | None], *, where: str
+) -> tuple[Callable[..., Any], Callable[..., Any]]:
+    """Return ``(model_fn, loss_fn)``, refusing a role the source stores as ``none``.
+
+    Raises:
+        ArchiveFormatError: ``where`` (``"archive"``, ``"config"``) stores no such function
+            and the caller passed none.
+    """
+    model_fn, loss_fn = given.get("model"), given.get("loss")
+    for role, fn in (("model", model_fn), ("loss", loss_fn)):
+        if fn is None:
+            raise ArchiveFormatError(
+                f"the {where} stores no {role} function (kind 'none'); pass {role}= yourself"
+            )
+    assert model_fn is not None and loss_fn is not None
+    return model_fn, loss_fn

@@ -1,14 +1,29 @@
 """hkstore.store: the archive format, with no jax or haiku import anywhere below it.
 
-Map: ``_container`` (the ZIP container and its one strict parser), ``_manifest`` and
-``_canonical`` (the canonical JSON manifest), ``_weights`` (the safetensors codec), ``_dtypes``
+Map: ``_container`` (the ZIP container and its one strict parser), ``_members`` (the member
+names), ``_manifest``, ``_records`` and ``_canonical`` (the canonical JSON manifest),
+``_config`` (the model config document), ``_weights`` (the safetensors codec), ``_dtypes``
 (the one dtype table), ``_functions`` / ``_zstd`` / ``_pickle_scan`` (function references,
 the opt-in pickle blob, static pickle listing), ``_signing`` / ``_keys`` (Ed25519 and
 HMAC-SHA256), ``_trust`` and ``_gate`` (what a loader agrees to run), ``_limits``,
 ``_atomic`` (durable writes), ``_archive`` (writing and lazily reading whole archives).
 
-Public names are resolved on first access, so importing one submodule (the CLI's ``inspect``)
-does not pay for the others.
+Two tiers of names, both resolved on first access (importing one submodule, as the CLI's
+``inspect`` does, does not pay for the others):
+
+- **public** (``__all__``; all but :func:`write_archive` and :class:`ArchiveContent` are
+  re-exported by ``hkstore``): :class:`Archive`, :func:`open_archive`, :class:`Trust`,
+  :class:`Limits`, the key classes and helpers...
+- **internal**: what hkstore's own upper layers (saving, ``hkstore.model``, the checkpoint
+  manager, the integrations and the CLI) need from the format: :func:`atomic_write`, the
+  config document, the function descriptions, the dtype table, member names. Nothing outside
+  ``hkstore/store/`` imports a private ``hkstore.store._*`` module; these names may change
+  between minor releases.
+
+Example:
+    >>> from hkstore.store import Trust
+    >>> Trust()
+    Trust(keys=(), modules=()) [weights only]
 """
 
 from __future__ import annotations
@@ -22,19 +37,54 @@ if TYPE_CHECKING:
     from hkstore.store._archive import VerifyReport as VerifyReport
     from hkstore.store._archive import open_archive as open_archive
     from hkstore.store._archive import write_archive as write_archive
+    from hkstore.store._atomic import atomic_write as atomic_write
+    from hkstore.store._atomic import fsync_folder as fsync_folder
+    from hkstore.store._canonical import canonical_json as canonical_json
+    from hkstore.store._canonical import json_safe as json_safe
+    from hkstore.store._canonical import parse_json_strict as parse_json_strict
+    from hkstore.store._config import CONFIG_FORMAT as CONFIG_FORMAT
+    from hkstore.store._config import CONFIG_VERSION as CONFIG_VERSION
+    from hkstore.store._config import ConfigDocument as ConfigDocument
+    from hkstore.store._config import build_config as build_config
+    from hkstore.store._config import config_schema as config_schema
+    from hkstore.store._config import parse_config as parse_config
+    from hkstore.store._dtypes import code_for_dtype as code_for_dtype
+    from hkstore.store._dtypes import dtype_for_code as dtype_for_code
+    from hkstore.store._functions import FUNCTION_KINDS as FUNCTION_KINDS
+    from hkstore.store._functions import ROLES as ROLES
+    from hkstore.store._functions import FunctionKind as FunctionKind
+    from hkstore.store._functions import describe_functions as describe_functions
+    from hkstore.store._functions import pickle_runtime as pickle_runtime
     from hkstore.store._keys import generate_ed25519_keypair as generate_ed25519_keypair
     from hkstore.store._keys import load_hmac_key as load_hmac_key
     from hkstore.store._keys import load_signer as load_signer
     from hkstore.store._keys import load_verifier as load_verifier
     from hkstore.store._limits import DEFAULT_LIMITS as DEFAULT_LIMITS
     from hkstore.store._limits import Limits as Limits
+    from hkstore.store._manifest import FunctionSpec as FunctionSpec
     from hkstore.store._manifest import Manifest as Manifest
+    from hkstore.store._manifest import TensorRecord as TensorRecord
+    from hkstore.store._manifest import writer_versions as writer_versions
+    from hkstore.store._members import FUNCTIONS as FUNCTIONS
+    from hkstore.store._members import MANIFEST as MANIFEST
+    from hkstore.store._members import MEMBER_NAMES as MEMBER_NAMES
+    from hkstore.store._members import SIGNATURE as SIGNATURE
+    from hkstore.store._members import WEIGHTS as WEIGHTS
+    from hkstore.store._members import WEIGHTS_ZSTD as WEIGHTS_ZSTD
+    from hkstore.store._pickle_scan import is_plain_global_reference as is_plain_global_reference
+    from hkstore.store._pickle_scan import pickle_globals as pickle_globals
+    from hkstore.store._records import RNG_IMPLEMENTATIONS as RNG_IMPLEMENTATIONS
+    from hkstore.store._records import RngRecord as RngRecord
     from hkstore.store._signing import Ed25519Signer as Ed25519Signer
     from hkstore.store._signing import Ed25519Verifier as Ed25519Verifier
     from hkstore.store._signing import HmacKey as HmacKey
+    from hkstore.store._signing import Signer as Signer
+    from hkstore.store._signing import Verifier as Verifier
     from hkstore.store._trust import Trust as Trust
+    from hkstore.store._weights import TensorSpec as TensorSpec
 
-_LAZY: dict[str, str] = {
+#: Public names (re-exported by ``hkstore``) -> the private module that defines them.
+_PUBLIC: dict[str, str] = {
     "Archive": "_archive",
     "ArchiveContent": "_archive",
     "VerifyReport": "_archive",
@@ -52,8 +102,46 @@ _LAZY: dict[str, str] = {
     "HmacKey": "_signing",
     "Trust": "_trust",
 }
+#: The internal tier: for hkstore's own layers above the store (see the module docstring).
+_INTERNAL: dict[str, str] = {
+    "atomic_write": "_atomic",
+    "fsync_folder": "_atomic",
+    "canonical_json": "_canonical",
+    "json_safe": "_canonical",
+    "parse_json_strict": "_canonical",
+    "CONFIG_FORMAT": "_config",
+    "CONFIG_VERSION": "_config",
+    "ConfigDocument": "_config",
+    "build_config": "_config",
+    "config_schema": "_config",
+    "parse_config": "_config",
+    "code_for_dtype": "_dtypes",
+    "dtype_for_code": "_dtypes",
+    "FUNCTION_KINDS": "_functions",
+    "ROLES": "_functions",
+    "FunctionKind": "_functions",
+    "describe_functions": "_functions",
+    "pickle_runtime": "_functions",
+    "FunctionSpec": "_manifest",
+    "TensorRecord": "_manifest",
+    "writer_versions": "_manifest",
+    "FUNCTIONS": "_members",
+    "MANIFEST": "_members",
+    "MEMBER_NAMES": "_members",
+    "SIGNATURE": "_members",
+    "WEIGHTS": "_members",
+    "WEIGHTS_ZSTD": "_members",
+    "is_plain_global_reference": "_pickle_scan",
+    "pickle_globals": "_pickle_scan",
+    "RNG_IMPLEMENTATIONS": "_records",
+    "RngRecord": "_records",
+    "Signer": "_signing",
+    "Verifier": "_signing",
+    "TensorSpec": "_weights",
+}
+_LAZY = {**_PUBLIC, **_INTERNAL}
 
-__all__ = sorted(_LAZY)
+__all__ = sorted(_PUBLIC)
 
 
 def __getattr__(name: str) -> Any:

@@ -31,6 +31,7 @@ from hkstore.store._functions import pickle_runtime
 from hkstore.store._gate import ROLES, resolve_functions
 from hkstore.store._limits import DEFAULT_LIMITS, Limits
 from hkstore.store._manifest import Manifest, decode_manifest, encode_manifest
+from hkstore.store._members import FUNCTIONS, MANIFEST, SIGNATURE, WEIGHTS, WEIGHTS_ZSTD
 from hkstore.store._signing import (
     Signer,
     read_signature_document,
@@ -52,11 +53,6 @@ __all__ = ["Archive", "ArchiveContent", "VerifyReport", "open_archive", "write_a
 #: tensors are hashed in batches of about this many bytes by :meth:`Archive.check_digests`
 _VERIFY_BATCH_BYTES = 8 << 20
 
-MANIFEST = "manifest.json"
-SIGNATURE = "signature.json"
-WEIGHTS = "weights.safetensors"
-WEIGHTS_ZST = "weights.safetensors.zst"
-FUNCTIONS = "functions.pkl.zst"
 
 
 @dataclass
@@ -74,6 +70,7 @@ class ArchiveContent:
         pickle_raw_size: the blob's decompressed size.
         metadata: free user metadata (JSON-safe).
         writer: extra writer versions (jax, haiku, cloudpickle).
+        rng: the model's random state (``{"impl": ..., "key_data": [...]}``), or ``None``.
     """
 
     specs: Sequence[TensorSpec]
@@ -86,6 +83,7 @@ class ArchiveContent:
     pickle_raw_size: int = 0
     metadata: Mapping[str, Any] = field(default_factory=dict)
     writer: Mapping[str, str] = field(default_factory=dict)
+    rng: Mapping[str, Any] | None = None
 
 
 def write_archive(
@@ -151,6 +149,7 @@ def write_archive(
         weights=weights_record,
         pickle=pickle_record,
         metadata=dict(content.metadata),
+        rng=None if content.rng is None else dict(content.rng),
     )
     manifest_bytes = encode_manifest(manifest)
     writer.add_member(MANIFEST, manifest_bytes)
@@ -171,13 +170,13 @@ def _write_compressed_weights(
     raw_size = len(header) + sum(
         int(np.prod(s.shape, dtype=np.int64)) * _itemsize(s.dtype) for s in content.specs
     )
-    stream = writer.begin_member(WEIGHTS_ZST, align=1)
+    stream = writer.begin_member(WEIGHTS_ZSTD, align=1)
     compressor = _zstd.stream_writer(stream, raw_size=raw_size)
     written = write_weights(compressor, content.specs, content.fetch)
     frame = compressor.finish()
     stream.finish()
     record = {
-        "member": WEIGHTS_ZST,
+        "member": WEIGHTS_ZSTD,
         "size": frame.size,
         "sha256": frame.sha256,
         "raw_size": raw_size,

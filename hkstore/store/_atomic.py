@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-__all__ = ["atomic_write"]
+__all__ = ["atomic_write", "fsync_folder"]
 
 
 @contextlib.contextmanager
@@ -46,11 +46,17 @@ def atomic_write(path: str | os.PathLike[str], *, mode: int = 0o644) -> Iterator
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp_name)
         raise
-    _fsync_folder(folder)
+    fsync_folder(folder)
 
 
-def _fsync_folder(folder: Path) -> None:
-    """fsync a directory so that a rename inside it survives a power loss (POSIX only)."""
+def fsync_folder(folder: str | os.PathLike[str]) -> None:
+    """fsync a folder so that a new, renamed or removed name in it survives a power loss.
+
+    POSIX only: where folders cannot be opened or fsynced (Windows), this does nothing.
+
+    Args:
+        folder: the folder whose entries changed.
+    """
     try:
         dir_fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     except OSError:  # e.g. platforms where directories cannot be opened

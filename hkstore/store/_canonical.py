@@ -17,12 +17,20 @@ from __future__ import annotations
 import codecs
 import json
 import math
-from collections.abc import Iterable, Sequence
+import sys
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from hkstore.errors import HkstoreError, LimitExceededError, ManifestError
 
-__all__ = ["MAX_DEPTH", "canonical_json", "is_canonical", "json_path", "parse_json_strict"]
+__all__ = [
+    "MAX_DEPTH",
+    "canonical_json",
+    "is_canonical",
+    "json_path",
+    "json_safe",
+    "parse_json_strict",
+]
 
 #: Deepest nesting of arrays and objects written or read (the top-level object is depth 1).
 #: Manifests are shallow; the cap keeps a hostile ``[[[[...`` from exhausting the stack.
@@ -252,3 +260,49 @@ def is_canonical(data: bytes | bytearray | memoryview) -> bool:
         return canonical_json(parsed) == bytes(data)
     except HkstoreError:
         return False
+
+
+def json_safe(value: Any, *, where: str) -> Any:
+    """Return ``value`` as plain JSON types, for the free JSON fields a writer records.
+
+    Tuples and sets become lists (sets sorted), numpy scalars and arrays become numbers and
+    lists, a numpy dtype becomes its name; everything else must already be JSON.
+
+    Args:
+        value: data info, metadata, metrics...
+        where: names the value in error messages (``"metadata"``).
+
+    Returns:
+        A value :func:`canonical_json` accepts.
+
+    Raises:
+        ManifestError: something that has no exact JSON form (named by its path), NaN or
+            infinity included.
+
+    Example:
+        >>> json_safe({"shape": (3, 4), "tags": {"b", "a"}}, where="data_info")
+        {'shape': [3, 4], 'tags': ['a', 'b']}
+    """
+    if isinstance(value, Mapping):
+        out = {}
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise ManifestError(f"{where}: key {key!r} is not a string")
+            out[key] = json_safe(item, where=f"{where}.{key}")
+        return out
+    if isinstance(value, list | tuple):
+        return [json_safe(item, where=f"{where}[{i}]") for i, item in enumerate(value)]
+    if isinstance(value, set | frozenset):
+        return [json_safe(item, where=f"{where}[]") for item in sorted(value, key=repr)]
+    numpy = sys.modules.get("numpy")  # a numpy value implies numpy was imported: no import here
+    if numpy is not None:
+        if isinstance(value, numpy.ndarray):
+            return json_safe(value.tolist(), where=where)
+        if isinstance(value, numpy.generic):
+            return json_safe(value.item(), where=where)
+        if isinstance(value, numpy.dtype):
+            return str(value)
+    if value is None or isinstance(value, bool | int | float | str):
+        canonical_json(value, what=where)  # refuses NaN/Inf
+        return value
+    raise ManifestError(f"{where}: {type(value).__name__} is not JSON-safe")

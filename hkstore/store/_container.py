@@ -44,6 +44,7 @@ from hkstore.errors import (
 )
 from hkstore.store._crc32 import CRC32_IMPLEMENTATION, crc32, crc32_combine
 from hkstore.store._limits import DEFAULT_LIMITS, Limits
+from hkstore.store._members import CRC_CHECKED, MANIFEST, MEMBER_NAMES, SIGNATURE
 
 __all__ = [
     "ARCHIVE_COMMENT",
@@ -57,16 +58,6 @@ __all__ = [
     "read_container",
 ]
 
-#: The only member names an archive may hold; anything else is refused.
-MEMBER_NAMES: frozenset[str] = frozenset(
-    {
-        "manifest.json",
-        "weights.safetensors",
-        "weights.safetensors.zst",
-        "functions.pkl.zst",
-        "signature.json",
-    }
-)
 #: End-of-central-directory comment: magic + container version. Must end the file exactly.
 ARCHIVE_COMMENT = b"hkstore/1"
 
@@ -107,7 +98,6 @@ _DOS_DATE = (0 << 9) | (1 << 5) | 1  # 1980-01-01: fixed, so equal inputs give e
 _EXTERNAL_ATTR = (stat.S_IFREG | 0o644) << 16
 _DOS_ATTR_REFUSED = 0x08 | 0x10  # volume label, directory
 _HOST_UNIX = 3
-_CRC_CHECKED = frozenset({"manifest.json", "signature.json"})
 
 
 # --- writer --------------------------------------------------------------------------------
@@ -287,7 +277,7 @@ class ContainerWriter:
         if self._closed:
             return
         self._check_no_open_stream()
-        if not any(m.name == "manifest.json" for m in self._members):
+        if not any(m.name == MANIFEST for m in self._members):
             raise ValueError("container has no manifest.json (every archive needs one)")
         cd_offset = self._pos
         self._write(b"".join(self._central_entry(m) for m in self._members))
@@ -680,7 +670,7 @@ class _Reader:
                     f"{seen[entry.name]}"
                 )
             seen.setdefault(entry.name, entry.offset)
-        if "manifest.json" not in seen:
+        if MANIFEST not in seen:
             problems.append("no manifest.json member; it is required")
         if problems:
             raise _fail(problems)
@@ -688,8 +678,8 @@ class _Reader:
 
     def _check_limits(self, entries: list[_Central]) -> None:
         caps = {
-            "manifest.json": ("max_manifest_bytes", self._limits.max_manifest_bytes),
-            "signature.json": ("max_signature_bytes", self._limits.max_signature_bytes),
+            MANIFEST: ("max_manifest_bytes", self._limits.max_manifest_bytes),
+            SIGNATURE: ("max_signature_bytes", self._limits.max_signature_bytes),
         }
         over = []
         for entry in entries:
@@ -731,7 +721,7 @@ class _Reader:
         for info in infos:
             # The small JSON members have no digest of their own: their CRC catches corruption.
             # (The weights and function members are covered by the manifest's SHA-256 digests.)
-            if info.name in _CRC_CHECKED and not problems:
+            if info.name in CRC_CHECKED and not problems:
                 with self._buf[info.data_offset : info.data_offset + info.size] as data:
                     actual = crc32(data)  # (released at once: callers may close their mmap)
                 if actual != info.crc32:

@@ -16,7 +16,7 @@ import re
 import sys
 import types
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, Literal, get_args
 
 from hkstore.errors import (
     ArchiveFormatError,
@@ -27,12 +27,18 @@ from hkstore.errors import (
 )
 from hkstore.store._canonical import canonical_json
 from hkstore.store._limits import DEFAULT_LIMITS
+from hkstore.store._members import FUNCTIONS
+from hkstore.store._trust import Trust
 from hkstore.store._zstd import compress, decompress_bounded
 
 __all__ = [
+    "FUNCTION_KINDS",
     "PICKLE_PROTOCOL",
+    "ROLES",
+    "FunctionKind",
     "check_runtime",
     "current_runtime",
+    "describe_functions",
     "function_reference",
     "pickle_functions",
     "pickle_runtime",
@@ -41,7 +47,13 @@ __all__ = [
 ]
 
 PICKLE_PROTOCOL = 5
-_WHAT = "functions.pkl.zst"
+#: How a function is stored: imported by ``reference``, in the ``pickle`` member, or ``none``
+#: (the loader supplies it).
+FunctionKind = Literal["reference", "pickle", "none"]
+FUNCTION_KINDS: tuple[FunctionKind, ...] = get_args(FunctionKind)
+#: The functions a model needs, in the order they are described.
+ROLES = ("model", "loss")
+_WHAT = FUNCTIONS
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _HINT = 'save it with functions="pickle" (opt-in, signed) or pass it to load() yourself'
 
@@ -187,42 +199,33 @@ def _parse_ref(ref: Any) -> tuple[str, list[str]]:
     return module, qualname.split(".")
 
 
-def _allowed(module: str, allowed_modules: Sequence[str]) -> bool:
-    return any(module == a or module.startswith(a + ".") for a in allowed_modules)
-
-
-def resolve_reference(
-    spec: Mapping[str, Any], *, allowed_modules: Sequence[str]
-) -> Callable[..., Any]:
-    """Import the function a reference names, only if its module is allowed.
+def resolve_reference(spec: Mapping[str, Any], trust: Trust) -> Callable[..., Any]:
+    """Import the function a reference names, only if ``trust`` allows its module.
 
     Order of checks, all before anything is imported: the reference is
     ``"dotted.module:dotted.name"`` of ASCII identifiers; no segment starts with ``_``; the
-    module equals an allowed entry or is a submodule of one (``"mypkg"`` allows
-    ``"mypkg.sub"``, not ``"mypkgx"``). Then the module is imported, the name is looked up
-    attribute by attribute (never through a module, and every object on the way must be
-    defined in an allowed module, so ``mypkg:run`` is refused when ``mypkg`` merely imported
-    ``subprocess.run``), and the result must be callable.
+    module is allowed by :meth:`Trust.allows_module` (``Trust(modules=["mypkg"])`` allows
+    ``"mypkg"`` and ``"mypkg.sub"``, not ``"mypkgx"``). Then the module is imported, the name
+    is looked up attribute by attribute (never through a module, and every object on the way
+    must be defined where :meth:`Trust.allows_definition_in` says, so ``mypkg:run`` is refused
+    when ``mypkg`` merely imported ``subprocess.run``), and the result must be callable.
 
     Args:
         spec: ``{"kind": "reference", "ref": "module:qualname", "kwargs": {...}}``.
-        allowed_modules: module names the caller trusts (with their submodules).
+        trust: the caller's policy (its ``modules``).
 
     Returns:
         The function, or ``functools.partial(function, **kwargs)`` when kwargs is not empty.
 
     Raises:
         RefusedCodeError: the reference is malformed, names a private or dunder segment, or
-            leads outside ``allowed_modules``.
+            leads outside the allowed modules.
         NotImportableError: the allowed module cannot be imported, lacks the name, or the name
             is not callable.
-        TypeError: ``allowed_modules`` is a single ``str`` (pass a list).
+        TypeError: ``trust`` is not a :class:`Trust`.
     """
-    if isinstance(allowed_modules, str):
-        raise TypeError("allowed_modules must be a sequence of module names, not one str")
-    for entry in allowed_modules:
-        if not isinstance(entry, str) or not all(_IDENT.fullmatch(s) for s in entry.split(".")):
-            raise RefusedCodeError(f"allowed module {entry!r} is not a dotted module name")
+    if not isinstance(trust, Trust):
+        raise TypeError(f"resolve_reference: expected a Trust, got {type(trust).__name__}")
     if spec.get("kind") != "reference":
         raise RefusedCodeError(f"function spec {dict(spec)!r} is not a reference")
     ref = spec.get("ref")
@@ -230,8 +233,8 @@ def resolve_reference(
     if not isinstance(kwargs, Mapping) or not all(isinstance(k, str) for k in kwargs):
         raise RefusedCodeError(f"reference {ref!r}: kwargs must be a JSON object")
     module_name, parts = _parse_ref(ref)
-    if not _allowed(module_name, allowed_modules):
-        allowed = ", ".join(map(repr, allowed_modules)) or "none"
+    if not trust.allows_module(module_name):
+        allowed = ", ".join(map(repr, trust.modules)) or "none"
         raise RefusedCodeError(
             f"reference {ref!r}: module {module_name!r} is not in the allowed modules "
             f"({allowed}); add it to Trust(modules=[...]) if you trust its code"
@@ -259,12 +262,47 @@ def resolve_reference(
             )
         # what a name leads to must be defined in an allowed module, not merely imported there
         origin = getattr(obj, "__module__", None)
-        if not isinstance(origin, str) or not _allowed(origin, allowed_modules):
+        if not isinstance(origin, str) or not trust.allows_definition_in(origin):
             raise RefusedCodeError(
                 f"reference {ref!r}: {where} is defined in module {origin!r}, which is not "
                 "in the allowed modules"
             )
     return functools.partial(obj, **kwargs) if kwargs else obj
+
+
+def describe_functions(
+    functions: Mapping[str, Callable[..., Any]], kind: FunctionKind
+) -> tuple[dict[str, dict[str, Any]], bytes | None, int]:
+    """Describe every function the same way, as the manifest and the config record them.
+
+    Args:
+        functions: ``{"model": fn, "loss": fn}``.
+        kind: ``"reference"`` (importable ``module:qualname``), ``"pickle"`` (one cloudpickle
+            blob holding them all, opt-in) or ``"none"`` (the loader supplies them).
+
+    Returns:
+        ``(specs, blob, raw_size)``: ``{role: spec}`` (see :func:`function_reference`), the
+        zstd pickle blob (``None`` unless pickled) and its decompressed size (0 if none).
+
+    Raises:
+        NotImportableError: a function cannot be stored that way (the message says why).
+        ValueError: ``kind`` is not one of :data:`FUNCTION_KINDS`.
+
+    Example:
+        >>> import json
+        >>> describe_functions({"model": json.dumps, "loss": json.loads}, "none")
+        ({'model': {'kind': 'none'}, 'loss': {'kind': 'none'}}, None, 0)
+    """
+    if kind == "reference":
+        return {role: function_reference(fn) for role, fn in functions.items()}, None, 0
+    if kind == "pickle":
+        blob, raw_size = pickle_functions(functions)
+        return {role: {"kind": "pickle"} for role in functions}, blob, raw_size
+    if kind == "none":
+        return {role: {"kind": "none"} for role in functions}, None, 0
+    raise ValueError(
+        f"functions: expected one of {', '.join(map(repr, FUNCTION_KINDS))}, got {kind!r}"
+    )
 
 
 # --- the pickle blob ----------------------------------------------------------------------------

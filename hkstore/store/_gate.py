@@ -12,14 +12,11 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from hkstore.errors import ArchiveFormatError, RefusedCodeError
-from hkstore.store._functions import check_runtime, resolve_reference, unpickle_functions
+from hkstore.store._functions import ROLES, check_runtime, resolve_reference, unpickle_functions
 from hkstore.store._limits import DEFAULT_LIMITS
 from hkstore.store._trust import Trust
 
 __all__ = ["ROLES", "resolve_functions"]
-
-#: The functions a model needs, in the order they are described.
-ROLES = ("model", "loss")
 
 
 def resolve_functions(
@@ -85,7 +82,7 @@ def resolve_functions(
         if kind == "none":
             out[role] = None
         elif kind == "reference":
-            out[role] = resolve_reference(spec, allowed_modules=trust.modules)
+            out[role] = resolve_reference(spec, trust)
         elif role in pickled:
             out[role] = pickled[role]
         else:

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from hkstore.errors import InvalidKeyError
+from hkstore.store._atomic import fsync_folder
 from hkstore.store._signing import Ed25519Signer, Ed25519Verifier, HmacKey, require_cryptography
 
 __all__ = [
@@ -173,21 +174,7 @@ def _write_new_file(path: Path, data: bytes, *, mode: int) -> None:
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-    _fsync_folder(folder)
-
-
-def _fsync_folder(folder: Path) -> None:
-    """fsync a folder so that a new name in it survives a power loss (POSIX only)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except OSError:  # platforms where folders cannot be opened
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    fsync_folder(folder)
 
 
 # --- reading ----------------------------------------------------------------------------------

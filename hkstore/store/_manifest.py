@@ -22,7 +22,7 @@ import copy
 import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, TypedDict
+from typing import Any, NotRequired, TypedDict
 
 from hkstore.errors import LimitExceededError, ManifestError, UnsupportedVersionError
 from hkstore.store._canonical import canonical_json, json_path, parse_json_strict
@@ -38,6 +38,8 @@ from hkstore.store._records import (
     FunctionSpec,
     PickleJSON,
     PickleRecord,
+    RngJSON,
+    RngRecord,
     TensorJSON,
     TensorRecord,
     WeightsJSON,
@@ -91,6 +93,7 @@ class ManifestJSON(TypedDict):
     weights: WeightsJSON
     pickle: PickleJSON | None
     metadata: dict[str, Any]
+    rng: NotRequired[RngJSON]
 
 
 @dataclass(frozen=True)
@@ -107,6 +110,8 @@ class Manifest:
         weights: the weights member.
         pickle: the pickle member, or None.
         metadata: free user metadata.
+        rng: the model's random state when it was written, or None (archives written before
+            hkstore 0.2.0, whose loaders restart the random stream from ``seed``).
 
     Raises:
         ManifestError: on construction, listing every broken cross-field rule.
@@ -121,6 +126,7 @@ class Manifest:
     weights: WeightsRecord
     pickle: PickleRecord | None
     metadata: Mapping[str, Any]
+    rng: RngRecord | None = None
 
     def __post_init__(self) -> None:
         # Own copies: a Manifest never changes when the caller's lists or dicts do.
@@ -240,6 +246,7 @@ class Manifest:
                 "pickle",
                 "metadata",
             ),
+            optional=("rng",),
         )
         for key in ("tensors", "trainable"):
             if not isinstance(d[key], list):
@@ -256,6 +263,7 @@ class Manifest:
             weights=WeightsRecord.from_dict(d["weights"]),
             pickle=optional(d["pickle"], PickleRecord.from_dict, ["pickle"]),
             metadata=expect_json_object(d["metadata"], ["metadata"]),
+            rng=RngRecord.from_dict(d["rng"], ["rng"]) if "rng" in d else None,
         )
 
     @classmethod
@@ -271,6 +279,7 @@ class Manifest:
         weights: Mapping[str, Any],
         pickle: Mapping[str, Any] | None,
         metadata: Mapping[str, Any],
+        rng: Mapping[str, Any] | None = None,
     ) -> Manifest:
         """Build a Manifest to write from JSON-shaped parts (as :meth:`to_dict` gives them).
 
@@ -278,32 +287,34 @@ class Manifest:
             writer: versions to record; ``hkstore``, ``python``, ``python_implementation`` and
                 ``numpy`` default to this process's (:func:`writer_versions`), so passing only
                 ``{"jax": ..., "haiku": ..., "cloudpickle": ...}`` is enough.
-            data_info, seed, tensors, trainable, functions, weights, pickle, metadata: the
-                fields of the same names (see ``schemas/manifest.v1.json``).
+            data_info, seed, tensors, trainable, functions, weights, pickle, metadata, rng:
+                the fields of the same names (see ``schemas/manifest.v1.json``); ``rng=None``
+                leaves the optional ``rng`` field out.
 
         Raises:
             ManifestError: as :meth:`from_dict`.
         """
         base = {k: v for k, v in writer_versions().items() if k not in WriterInfo.OPTIONAL}
-        return cls.from_dict(
-            {
-                "format": FORMAT_NAME,
-                "format_version": FORMAT_VERSION,
-                "writer": {**base, **writer},
-                "data_info": dict(data_info),
-                "seed": seed,
-                "tensors": [dict(t) for t in tensors],
-                "trainable": list(trainable),
-                "functions": {k: dict(v) for k, v in functions.items()},
-                "weights": dict(weights),
-                "pickle": None if pickle is None else dict(pickle),
-                "metadata": dict(metadata),
-            }
-        )
+        document: dict[str, Any] = {
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "writer": {**base, **writer},
+            "data_info": dict(data_info),
+            "seed": seed,
+            "tensors": [dict(t) for t in tensors],
+            "trainable": list(trainable),
+            "functions": {k: dict(v) for k, v in functions.items()},
+            "weights": dict(weights),
+            "pickle": None if pickle is None else dict(pickle),
+            "metadata": dict(metadata),
+        }
+        if rng is not None:
+            document["rng"] = dict(rng)
+        return cls.from_dict(document)
 
     def to_dict(self) -> ManifestJSON:
         """Return the JSON document (fresh containers; mutating them does not change ``self``)."""
-        return ManifestJSON(
+        out = ManifestJSON(
             format=FORMAT_NAME,
             format_version=FORMAT_VERSION,
             writer=self.writer.to_dict(),
@@ -316,6 +327,9 @@ class Manifest:
             pickle=None if self.pickle is None else self.pickle.to_dict(),
             metadata=copy.deepcopy(dict(self.metadata)),
         )
+        if self.rng is not None:
+            out["rng"] = self.rng.to_dict()
+        return out
 
 
 def _many(problems: Sequence[str]) -> ManifestError:

@@ -25,6 +25,7 @@ import _compat_pickle
 import io
 import pickletools
 import struct
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -194,7 +195,12 @@ def _ops(
     while True:
         position = stream.tell()
         try:
-            item = next(iterator)
+            with warnings.catch_warnings():
+                # decoding a hostile string opcode may warn (an invalid escape in a
+                # raw-unicode-escape text): the bytes are data here, and a warning turned into
+                # an error by the caller's filters must not escape as something else
+                warnings.simplefilter("ignore", DeprecationWarning)
+                item = next(iterator)
         except StopIteration:
             return
         except _DECODE_ERRORS as exc:

@@ -15,16 +15,22 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, NotRequired, TypedDict, TypeVar
 
-from hkstore.errors import ManifestError
+from hkstore.errors import ArchiveFormatError, ConfigError, ManifestError
 from hkstore.store._canonical import canonical_json, json_path
+from hkstore.store._functions import FUNCTION_KINDS, FunctionKind
+from hkstore.store._members import FUNCTIONS, MANIFEST, WEIGHTS, WEIGHTS_ZSTD
 from hkstore.store._schema import load_schema
 
 __all__ = [
+    "CONFIG_DOCUMENT",
+    "MANIFEST_DOCUMENT",
     "MANIFEST_MEMBER",
     "PICKLE_MEMBER",
+    "RNG_IMPLEMENTATIONS",
     "SCHEMA",
     "WEIGHTS_MEMBER",
     "WEIGHTS_MEMBER_ZSTD",
+    "Document",
     "FunctionJSON",
     "FunctionSpec",
     "Functions",
@@ -32,6 +38,8 @@ __all__ = [
     "JsonPath",
     "PickleJSON",
     "PickleRecord",
+    "RngJSON",
+    "RngRecord",
     "TensorJSON",
     "TensorRecord",
     "WeightsJSON",
@@ -44,12 +52,13 @@ __all__ = [
     "expect_str",
     "field_error",
     "optional",
+    "split_path",
 ]
 
-MANIFEST_MEMBER = "manifest.json"
-WEIGHTS_MEMBER = "weights.safetensors"
-WEIGHTS_MEMBER_ZSTD = "weights.safetensors.zst"
-PICKLE_MEMBER = "functions.pkl.zst"
+MANIFEST_MEMBER = MANIFEST
+WEIGHTS_MEMBER = WEIGHTS
+WEIGHTS_MEMBER_ZSTD = WEIGHTS_ZSTD
+PICKLE_MEMBER = FUNCTIONS
 SCHEMA = "manifest.v1.json"
 
 _WHAT = MANIFEST_MEMBER
@@ -58,10 +67,26 @@ _PYTHON = re.compile(r"[0-9]+\.[0-9]+")
 _IMPLEMENTATION = re.compile(r"[a-z][a-z0-9_]*")
 _IDENT = r"[A-Za-z_][A-Za-z0-9_]*"
 _REF = re.compile(rf"{_IDENT}(?:\.{_IDENT})*:{_IDENT}(?:\.{_IDENT})*")
-_FUNCTION_KINDS = ("reference", "pickle", "none")
 
-#: A location in the manifest: keys and indices from the top (see ``json_path``).
-JsonPath = list[str | int]
+
+
+@dataclass(frozen=True)
+class Document:
+    """Names the JSON document a path points into, and the error its bad fields raise.
+
+    A :data:`JsonPath` may start with one ``Document`` (e.g. :data:`CONFIG_DOCUMENT`); without
+    one it points into ``manifest.json``.
+    """
+
+    name: str
+    error: type[ArchiveFormatError]
+
+
+MANIFEST_DOCUMENT = Document(MANIFEST, ManifestError)
+CONFIG_DOCUMENT = Document("config", ConfigError)
+
+#: A location in a document: an optional :class:`Document`, then keys and indices from the top.
+JsonPath = list[Any]
 T = TypeVar("T")
 
 
@@ -86,7 +111,7 @@ class TensorJSON(TypedDict):
 
 
 class FunctionJSON(TypedDict):
-    kind: Literal["reference", "pickle", "none"]
+    kind: FunctionKind
     ref: NotRequired[str]
     kwargs: NotRequired[dict[str, Any]]
 
@@ -105,6 +130,11 @@ class WeightsJSON(TypedDict):
     raw_size: NotRequired[int]
 
 
+class RngJSON(TypedDict):
+    impl: str
+    key_data: list[int]
+
+
 class PickleJSON(TypedDict):
     member: str
     size: int
@@ -118,9 +148,21 @@ class PickleJSON(TypedDict):
 # --- field parsers: each checks one value and names its JSON path -----------------------------
 
 
-def field_error(path: JsonPath, message: str) -> ManifestError:
-    """Return the ManifestError for the field at ``path``: ``"manifest.json: <path>: ..."``."""
-    return ManifestError(f"{_WHAT}: {json_path(path)}: {message}")
+def split_path(path: JsonPath) -> tuple[Document, list[str | int]]:
+    """Return the document ``path`` points into and the path inside it."""
+    if path and isinstance(path[0], Document):
+        return path[0], list(path[1:])
+    return MANIFEST_DOCUMENT, list(path)
+
+
+def field_error(path: JsonPath, message: str) -> ArchiveFormatError:
+    """Return the error for the field at ``path``: ``"manifest.json: $.a.b: <message>"``.
+
+    The class is the document's (:class:`ManifestError` for the manifest, :class:`ConfigError`
+    for a config).
+    """
+    document, inner = split_path(path)
+    return document.error(f"{document.name}: {json_path(inner)}: {message}")
 
 
 def expect_object(
@@ -178,7 +220,13 @@ def expect_json_object(value: Any, path: JsonPath) -> dict[str, Any]:
     """
     if not isinstance(value, dict):
         raise field_error(path, f"expected an object, got {type(value).__name__}")
-    canonical_json(value, what=_WHAT, at=path)  # free JSON, but JSON
+    document, inner = split_path(path)
+    try:
+        canonical_json(value, what=document.name, at=inner)  # free JSON, but JSON
+    except ManifestError as exc:
+        if document.error is ManifestError:
+            raise
+        raise document.error(str(exc)) from None
     return copy.deepcopy(value)
 
 
@@ -294,7 +342,7 @@ class FunctionSpec:
     ``ref`` (``"module:qualname"``) and ``kwargs`` are set only for a reference.
     """
 
-    kind: Literal["reference", "pickle", "none"]
+    kind: FunctionKind
     ref: str | None = None
     kwargs: Mapping[str, Any] = field(default_factory=dict)
 
@@ -322,9 +370,9 @@ class FunctionSpec:
         if not isinstance(value, dict):
             raise field_error(path, f"expected an object, got {type(value).__name__}")
         kind = value.get("kind")
-        if kind not in _FUNCTION_KINDS:
+        if kind not in FUNCTION_KINDS:
             raise field_error(
-                [*path, "kind"], f"{kind!r} is not one of {', '.join(map(repr, _FUNCTION_KINDS))}"
+                [*path, "kind"], f"{kind!r} is not one of {', '.join(map(repr, FUNCTION_KINDS))}"
             )
         if kind != "reference":
             expect_object(value, path, ("kind",))
@@ -478,3 +526,51 @@ class PickleRecord:
             python_implementation=self.python_implementation,
             cloudpickle=self.cloudpickle,
         )
+
+
+#: PRNG implementations a model's random state may use, and the number of 32-bit words of
+#: their key data (jax's names: ``jax.random.key_impl``).
+RNG_IMPLEMENTATIONS: dict[str, int] = {"threefry2x32": 2, "rbg": 4, "unsafe_rbg": 4}
+
+
+@dataclass(frozen=True)
+class RngRecord:
+    """A model's random state (``$.rng``): its PRNG implementation and raw key data.
+
+    Attributes:
+        impl: one of :data:`RNG_IMPLEMENTATIONS` (``"threefry2x32"``, jax's default).
+        key_data: the key's 32-bit words, as ``jax.random.key_data`` gives them.
+
+    Example:
+        >>> RngRecord.from_dict({"impl": "threefry2x32", "key_data": [0, 42]}, ["rng"])
+        RngRecord(impl='threefry2x32', key_data=(0, 42))
+    """
+
+    impl: str
+    key_data: tuple[int, ...]
+
+    @classmethod
+    def from_dict(cls, value: Any, path: JsonPath) -> RngRecord:
+        """Parse ``$.rng`` (not null); raises the document's error naming the field."""
+        d = expect_object(value, path, ("impl", "key_data"))
+        impl = expect_str(d["impl"], [*path, "impl"])
+        words = RNG_IMPLEMENTATIONS.get(impl)
+        if words is None:
+            raise field_error(
+                [*path, "impl"],
+                f"{impl[:40]!r} is not one of {', '.join(map(repr, RNG_IMPLEMENTATIONS))}",
+            )
+        data = d["key_data"]
+        if not isinstance(data, list) or len(data) != words:
+            raise field_error(
+                [*path, "key_data"], f"expected an array of {words} integers for {impl!r}"
+            )
+        key = tuple(expect_int(n, [*path, "key_data", i]) for i, n in enumerate(data))
+        for i, n in enumerate(key):
+            if n >= 1 << 32:
+                raise field_error([*path, "key_data", i], f"{n} is not a 32-bit unsigned word")
+        return cls(impl=impl, key_data=key)
+
+    def to_dict(self) -> RngJSON:
+        """Return the JSON object."""
+        return RngJSON(impl=self.impl, key_data=list(self.key_data))

@@ -37,8 +37,16 @@ def load_schema(name: str) -> dict[str, Any]:
 @functools.cache
 def _validator(name: str) -> Draft202012Validator:
     from jsonschema import Draft202012Validator
+    from referencing import Registry, Resource
 
-    return Draft202012Validator(load_schema(name))
+    # every shipped schema, by its $id, so that one may refer to another's definitions
+    folder = resources.files("hkstore").joinpath("schemas")
+    registry: Registry[Any] = Registry().with_resources(
+        (schema["$id"], Resource.from_contents(schema))
+        for schema in (json.loads(entry.read_text("utf-8")) for entry in folder.iterdir()
+                       if entry.name.endswith(".json"))
+    )
+    return Draft202012Validator(load_schema(name), registry=registry)
 
 
 def validate(

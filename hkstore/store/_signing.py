@@ -47,6 +47,7 @@ from hkstore.errors import (
 )
 from hkstore.store._canonical import canonical_json, parse_json_strict
 from hkstore.store._limits import DEFAULT_LIMITS, Limits
+from hkstore.store._members import SIGNATURE
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import (
@@ -82,7 +83,7 @@ __all__ = [
 SIGNATURE_CONTEXT = b"hkstore-manifest-signature-v1\n"
 SIGNATURE_FORMAT = "hkstore-signature"
 SIGNATURE_VERSION = 1
-SIGNATURE_MEMBER = "signature.json"
+SIGNATURE_MEMBER = SIGNATURE
 ED25519 = "ed25519"
 HMAC_SHA256 = "hmac-sha256"
 #: Supported algorithms and the length of their signatures in bytes.

@@ -181,6 +181,25 @@ class Trust:
         """
         if not isinstance(name, str) or _module_problem(name) is not None:
             return False
+        return self.allows_definition_in(name)
+
+    def allows_definition_in(self, name: str) -> bool:
+        """Tell whether an object a reference leads to may be *defined* in module ``name``.
+
+        A reference is resolved attribute by attribute, and every object on the way must be
+        defined (its ``__module__``) in one of ``modules`` or below it, private sub-modules
+        included: ``mypkg:forward`` may lead to a function defined in ``mypkg._impl`` and
+        re-exported by ``mypkg``, but not to ``subprocess.run`` merely imported into ``mypkg``.
+        Never raises.
+
+        Example:
+            >>> Trust(modules=["mypkg"]).allows_definition_in("mypkg._impl")
+            True
+            >>> Trust(modules=["mypkg"]).allows_definition_in("subprocess")
+            False
+        """
+        if not isinstance(name, str):
+            return False
         return any(name == allowed or name.startswith(allowed + ".") for allowed in self.modules)
 
     def check_pickle_allowed(self, signature_key_id: str | None) -> None:

@@ -52,6 +52,7 @@ from hkstore.store._crc32 import crc32 as _default_crc32
 from hkstore.store._crc32 import crc32_combine
 from hkstore.store._dtypes import DTYPES, dtype_for_code
 from hkstore.store._limits import DEFAULT_LIMITS, Limits
+from hkstore.store._members import WEIGHTS
 
 if TYPE_CHECKING:
     import mmap
@@ -69,7 +70,7 @@ __all__ = [
     "write_weights",
 ]
 
-MEMBER = "weights.safetensors"
+MEMBER = WEIGHTS
 ALIGN = 64
 _METADATA = "__metadata__"
 _TENSOR_KEYS = frozenset({"dtype", "shape", "data_offsets"})

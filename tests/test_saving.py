@@ -1,4 +1,4 @@
-"""Tests for hkstore.serialization: save/load/dumps/loads and get_config/from_config, for real.
+"""Tests for hkstore.saving (save/load/dumps/loads) and the config document, for real.
 
 Real HaikuModels (the toy models of ``helpers_models``) go through the public entry points;
 every attack of issue 3's "Bad input" list goes through ``hkstore.load`` (a path) and
@@ -50,6 +50,8 @@ from helpers_models import (
     cnn_model,
     device_policy,
     mlp_model,
+    mse_loss,
+    noisy_model,
     xent_loss,
 )
 
@@ -57,11 +59,13 @@ import hkstore
 from hkstore import HaikuModel, JaxNumpyVector, Trust
 from hkstore.errors import (
     ArchiveFormatError,
+    ConfigError,
     ContainerError,
     DigestMismatchError,
     HkstoreError,
     LimitExceededError,
     ManifestError,
+    ModelFunctionError,
     RefusedCodeError,
     RuntimeMismatchError,
     SignatureError,
@@ -191,7 +195,8 @@ def test_save_load_restores_weights_mask_and_data_info(case: ToyCase, tmp_path: 
     # functions from the archive's references (allowed module) ...
     loaded = hkstore.load(path, trust=TOYS)
     assert_same_model(loaded, model)
-    assert loaded._model_fn is case.model and loaded._loss_fn is case.loss
+    state = loaded.export_state()
+    assert state.model is case.model and state.loss is case.loss
     # ... or given by the caller, with nothing imported from the archive
     assert_same_model(hkstore.load(path, model=case.model, loss=case.loss), model)
     if case.freeze:
@@ -337,12 +342,89 @@ def test_from_config_refuses_a_malformed_pickle_record_and_a_future_version() ->
     model = HaikuModel(mlp_model, xent_loss, seed=3)
     model.initialize({"data_type": "float32", "features_shape": [4]})
     config = model.get_config()
-    with pytest.raises(ManifestError, match="'pickle' must be null or an object"):
+    with pytest.raises(ConfigError, match=r"^config: \$\.pickle: expected an object, got str$"):
         HaikuModel.from_config({**config, "pickle": "x"})
     with pytest.raises(UnsupportedVersionError, match="config: version 2 is not supported"):
         HaikuModel.from_config({**config, "version": 2})
-    with pytest.raises(ManifestError, match="'version' must be an integer"):
+    with pytest.raises(ConfigError, match=r"^config: \$\.version is 'True'; expected an integer$"):
         HaikuModel.from_config({**config, "version": True})
+
+
+def test_from_config_takes_explicit_keywords_only() -> None:
+    """A typo in ``trust=`` fails at once instead of being swallowed by **kwargs."""
+    config = HaikuModel(mlp_model, xent_loss, seed=3).get_config()
+    with pytest.raises(TypeError, match="unexpected keyword argument 'trsut'"):
+        HaikuModel.from_config(config, trsut=TOYS)  # type: ignore[call-arg]
+    with pytest.raises(TypeError, match="positional"):
+        HaikuModel.from_config(config, TOYS)  # type: ignore[misc]
+
+
+def test_config_errors_name_the_config_and_the_field() -> None:
+    config = HaikuModel(mlp_model, xent_loss, seed=3).get_config()
+    cases = {
+        "seed": (2**32, r"^config: \$\.seed: 4294967296 is not below 2\*\*32"),
+        "trainable": (["a", "a"], r"^config: \$\.trainable: a name is listed twice$"),
+        "functions": ({"model": {"kind": "eval"}, "loss": {"kind": "none"}},
+                      r"^config: \$\.functions\.model\.kind: 'eval' is not one of"),
+        "signature": ({"algorithm": "ed25519", "key_id": "x", "signature": ""},
+                      r"^config: \$\.signature\.key_id: 'x' is not a key id"),
+        "rng": ({"impl": "threefry2x32", "key_data": [1]},
+                r"^config: \$\.rng\.key_data: expected an array of 2 integers"),
+    }
+    for key, (value, message) in cases.items():
+        with pytest.raises(ConfigError, match=message):
+            HaikuModel.from_config({**config, key: value}, model=mlp_model, loss=xent_loss)
+
+
+def test_config_documents_match_their_schema() -> None:
+    """What get_config writes validates against schemas/config.v1.json; bad ones do not."""
+    from hkstore.store._schema import validate
+
+    signer = HmacKey.generate()
+    model = HaikuModel(mlp_model, xent_loss, seed=3)
+    validate(model.get_config(), schema="config.v1.json", what="config")
+    model.initialize({"data_type": "float32", "features_shape": [4]})
+    for config in (model.get_config(signer=signer), model.get_config(functions="pickle")):
+        validate(config, schema="config.v1.json", what="config")
+    with pytest.raises(ManifestError, match=r"\$\.seed"):
+        validate({**model.get_config(), "seed": -1}, schema="config.v1.json", what="config")
+
+
+def test_archives_and_configs_carry_the_random_state() -> None:
+    """A reloaded model continues the random stream where the saved one was, not at the seed."""
+    model = HaikuModel(noisy_model, mse_loss, seed=5)
+    model.initialize({"data_type": "float32", "features_shape": [3]})
+    batch = (np.ones((2, 3), np.float32), np.zeros((2, 1), np.float32), None)
+    model.compute_batch_gradients(batch)  # the key moves on from the seed's
+    data = hkstore.dumps(model)
+    config = model.get_config()
+    loaded = hkstore.loads(data, model=noisy_model, loss=mse_loss)
+    rebuilt = HaikuModel.from_config(config, model=noisy_model, loss=mse_loss)
+    assert loaded.rng_state == model.rng_state == rebuilt.rng_state
+    with hkstore.open_archive(data) as archive:
+        assert archive.manifest.rng is not None
+        assert archive.manifest.rng.key_data == model.rng_state.key_data
+    expected = model.compute_batch_gradients(batch)
+    assert loaded.compute_batch_gradients(batch) == expected
+    assert rebuilt.compute_batch_gradients(batch) == expected
+
+
+def test_archives_and_configs_without_a_random_state_still_load() -> None:
+    """Archives and configs written before the rng field restart from the seed's stream."""
+    model = HaikuModel(noisy_model, mse_loss, seed=5)
+    model.initialize({"data_type": "float32", "features_shape": [3]})
+    fresh_rng = model.rng_state
+    batch = (np.ones((2, 3), np.float32), np.zeros((2, 1), np.float32), None)
+    model.compute_batch_gradients(batch)
+    data = hkstore.dumps(model)
+    document = manifest_document(data)
+    del document["rng"]
+    old = with_manifest(data, document)
+    loaded = hkstore.loads(old, model=noisy_model, loss=mse_loss)
+    assert loaded.rng_state == fresh_rng  # what initialize leaves for seed 5
+    config = model.get_config()
+    del config["rng"]
+    assert HaikuModel.from_config(config, model=noisy_model, loss=mse_loss).rng_state == fresh_rng
 
 
 class FailingSigner:
@@ -680,7 +762,7 @@ def _wider_mlp(x: Any) -> Any:
 def test_load_rejects_weights_of_another_architecture(entry: Entry) -> None:
     mlp = ToyCase("mlp-on-images", mlp_model, xent_loss, (6, 6, 1)).build()
     with refused(WeightsMismatchError, exactly(
-        "restore: 2 mismatch(es) between the stored weights and the model:\n"
+        "from_state: 2 mismatch(es) between the stored weights and the model:\n"
         "  - missing 4 name(s): 'conv:b', 'conv:w', 'head:b', 'head:w'\n"
         "  - unexpected 4 name(s): 'mlp/~/linear_0:b', 'mlp/~/linear_0:w', 'mlp/~/linear_1:b', "
         "'mlp/~/linear_1:w'"
@@ -690,7 +772,7 @@ def test_load_rejects_weights_of_another_architecture(entry: Entry) -> None:
 
 def test_load_rejects_weights_of_another_size(entry: Entry) -> None:
     with refused(WeightsMismatchError, exactly(
-        "restore: 3 mismatch(es) between the stored weights and the model:\n"
+        "from_state: 3 mismatch(es) between the stored weights and the model:\n"
         "  - 'mlp/~/linear_0:b': shape (8,) given, model has (9,)\n"
         "  - 'mlp/~/linear_0:w': shape (5, 8) given, model has (5, 9)\n"
         "  - 'mlp/~/linear_1:w': shape (8, 3) given, model has (9, 3)"
@@ -700,8 +782,8 @@ def test_load_rejects_weights_of_another_size(entry: Entry) -> None:
 
 def test_load_rejects_model_that_cannot_take_the_stored_data(entry: Entry) -> None:
     """An MLP archive for features [5] given to a conv net: it cannot even be initialized."""
-    with refused(WeightsMismatchError, "^" + re.escape(
-        "restore: the model function cannot be initialized on the stored data info (data_type "
-        "'float32', features_shape [5]), so the stored weights cannot fit it (ValueError: "
+    with refused(ModelFunctionError, "^" + re.escape(
+        "from_state: the model function fails on the stored data info (data_type 'float32', "
+        "features_shape [5]): ValueError: "
     )):
         entry(hkstore.dumps(CASES[0].build()), model=cnn_model, loss=xent_loss)
