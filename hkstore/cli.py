@@ -67,7 +67,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 def cmd_keygen(args: argparse.Namespace) -> int:
     """Create NAME.key (private, 0600) and NAME.pub; print the key id."""
-    from hkstore.store._keys import generate_ed25519_keypair
+    from hkstore.store import generate_ed25519_keypair
 
     key_id = generate_ed25519_keypair(args.name)
     note(f"wrote {args.name}.key (private, mode 0600) and {args.name}.pub")
@@ -101,7 +101,7 @@ def cmd_diff(args: argparse.Namespace) -> int:
 
 def cmd_convert_declearn(args: argparse.Namespace) -> int:
     """Write an hkstore archive from a declearn HaikuModel checkpoint, unpickling nothing."""
-    from hkstore._cli._declearn import convert, locate_inputs
+    from hkstore.integrations.declearn import convert, locate_inputs
 
     config, state = locate_inputs(Path(args.path), Path(args.state) if args.state else None)
     overrides = {role: ref for role, ref in (("model", args.model_ref),

@@ -20,6 +20,7 @@ __all__ = [
     "ConfigError",
     "ContainerError",
     "DataInfoError",
+    "DeclearnFormatError",
     "DigestMismatchError",
     "HkstoreError",
     "IntegrityError",
@@ -78,6 +79,13 @@ class UnsupportedVersionError(ArchiveFormatError):
 
 class UnsupportedContainerVersionError(ContainerError, UnsupportedVersionError):
     """The container's end-record magic names a later container version (``hkstore/2``...)."""
+
+
+class DeclearnFormatError(HkstoreError, ValueError):
+    """A declearn config or checkpoint this reader does not understand, or a bad option for it.
+
+    ``hkstore convert-declearn`` exits 2 for it: the input cannot be judged as an archive.
+    """
 
 
 class LimitExceededError(ArchiveFormatError):

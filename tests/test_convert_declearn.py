@@ -1,4 +1,4 @@
-"""Tests for hkstore._cli._declearn and ``hkstore convert-declearn``: no unpickling, ever.
+"""Tests for hkstore.integrations.declearn and ``hkstore convert-declearn``: no unpickling, ever.
 
 Inputs are built here from declearn 2.x's documented wire format (no declearn dependency):
 ``model_config.json`` is ``{"typekey": "haiku", "model": HEX, "loss": HEX, "data_info": {...}}``
@@ -28,16 +28,18 @@ import numpy as np
 import pytest
 from helpers_archives import default_tensors, malicious_pickle
 
-from hkstore._cli._declearn import (
+from hkstore.cli import main
+from hkstore.errors import (
     DeclearnFormatError,
+    RefusedCodeError,
+    UnsupportedDtypeError,
+)
+from hkstore.integrations.declearn import (
     decode_array,
     function_reference,
     locate_inputs,
     read_declearn,
 )
-from hkstore._cli._status import UsageError
-from hkstore.cli import main
-from hkstore.errors import RefusedCodeError, UnsupportedDtypeError
 from hkstore.store._archive import open_archive
 
 REPO = Path(__file__).resolve().parents[1]
@@ -208,9 +210,9 @@ def test_read_checkpoint_folder_takes_the_newest_state(tmp_path: Path) -> None:
 
 def test_plain_config_without_state_is_refused_with_a_hint(tmp_path: Path) -> None:
     folder = make_checkpoint(tmp_path / "ckpt", states={})
-    with pytest.raises(UsageError, match=r"holds no weights.*model_state_.*--state FILE"):
+    with pytest.raises(DeclearnFormatError, match=r"holds no weights.*model_state_.*--state FILE"):
         locate_inputs(folder / "model_config.json", None)
-    with pytest.raises(UsageError, match="holds no weights"):
+    with pytest.raises(DeclearnFormatError, match="holds no weights"):
         locate_inputs(folder, None)
 
 
@@ -318,7 +320,7 @@ def test_convert_overrides_and_private_reference_warning(tmp_path: Path) -> None
     with open_archive(out) as archive:
         assert archive.manifest.functions.loss.ref == "optax:l2_loss"
     bad = cli("convert-declearn", folder, "--out", out, "--model-ref", "not a ref")
-    assert bad.returncode == 2 and "--model-ref 'not a ref'" in bad.stderr
+    assert bad.returncode == 2 and "model reference 'not a ref'" in bad.stderr
 
 
 def test_convert_missing_input_exits_2(tmp_path: Path) -> None:
@@ -340,3 +342,15 @@ def test_convert_without_msgpack_says_what_to_install(tmp_path: Path) -> None:
         capture_output=True, text=True, env=env, timeout=120, check=False)
     assert result.returncode == 2
     assert "needs the 'msgpack' package: pip install msgpack" in result.stderr
+
+
+def test_conversion_errors_are_hkstore_errors_and_exit_2(tmp_path: Path) -> None:
+    """A library caller's ``except HkstoreError`` catches them; the command exits 2."""
+    from hkstore.errors import HkstoreError
+
+    with pytest.raises(HkstoreError) as info:
+        locate_inputs(tmp_path / "missing", None)
+    assert isinstance(info.value, DeclearnFormatError)
+    assert main(["convert-declearn", str(tmp_path / "missing"), "--out",
+                 str(tmp_path / "x.hkz")]) == 2
+    assert not (tmp_path / "x.hkz").exists()

@@ -12,9 +12,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 from hkstore._cli._status import UsageError
 
 if TYPE_CHECKING:
-    from hkstore.store._archive import Archive
-    from hkstore.store._signing import Signer
-    from hkstore.store._trust import Trust
+    from hkstore.store import Archive, Signer, Trust
 
 __all__ = [
     "Progress",
@@ -43,9 +41,9 @@ def open_input(path: str) -> Archive:
     Raises:
         UsageError: as above.
         ContainerError, ManifestError, LimitExceededError, UnsupportedVersionError: from
-            :func:`hkstore.store._archive.open_archive`.
+            :func:`hkstore.store.open_archive`.
     """
-    from hkstore.store._archive import open_archive
+    from hkstore.store import open_archive
 
     try:
         with open(path, "rb") as handle:
@@ -68,14 +66,13 @@ def load_trust(
     *,
     require_signature: bool = False,
 ) -> Trust:
-    """Build the verifying :class:`~hkstore.store._trust.Trust` from ``--key`` options.
+    """Build the verifying :class:`~hkstore.store.Trust` from ``--key`` options.
 
     Raises:
         UsageError: a key file is missing, unreadable or not a key (the message names it), or
             ``require_signature`` without any key.
     """
-    from hkstore.store._keys import load_hmac_key, load_verifier
-    from hkstore.store._trust import Trust
+    from hkstore.store import Trust, load_hmac_key, load_verifier
 
     verifiers: list[Any] = [_key_file("--key", path, load_verifier) for path in keys]
     verifiers += [_key_file("--hmac-secret-file", p, load_hmac_key) for p in hmac_secret_files]
@@ -91,8 +88,8 @@ def load_signer(*, key: str | None, hmac_secret_file: str | None) -> Signer:
     Raises:
         UsageError: the file is missing, unreadable or not such a key.
     """
-    from hkstore.store._keys import load_hmac_key
-    from hkstore.store._keys import load_signer as load_ed25519_signer
+    from hkstore.store import load_hmac_key
+    from hkstore.store import load_signer as load_ed25519_signer
 
     if key is not None:
         return _key_file("--key", key, load_ed25519_signer)

@@ -17,8 +17,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import numpy as np
 
-    from hkstore.store._archive import Archive
-    from hkstore.store._manifest import TensorRecord
+    from hkstore.store import Archive, TensorRecord
 
 __all__ = ["REPORT_FORMAT", "REPORT_VERSION", "diff_report", "render_diff", "tensor_stats"]
 

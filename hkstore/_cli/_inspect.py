@@ -17,9 +17,7 @@ from hkstore._cli._status import check_name
 from hkstore.errors import HkstoreError
 
 if TYPE_CHECKING:
-    from hkstore.store._archive import Archive
-    from hkstore.store._manifest import FunctionSpec
-    from hkstore.store._trust import Trust
+    from hkstore.store import Archive, FunctionSpec, Trust
 
 __all__ = [
     "REPORT_FORMAT",
@@ -93,7 +91,7 @@ def element_bytes(code: str) -> int:
 
     Every code names its bit width (``F32``, ``BF16``, ``F8_E4M3``; ``BOOL`` is one byte), so
     ``inspect`` needs no numpy (~90 ms of start-up). ``tests/test_cli.py`` checks this against
-    the dtype table (:data:`hkstore.store._dtypes.DTYPES`) for every code.
+    the dtype table (the store's dtype table) for every code.
     """
     if code == "BOOL":
         return 1

@@ -10,8 +10,7 @@ from hkstore._cli._common import open_input
 from hkstore._cli._verify import VerifyOutcome, run_checks
 
 if TYPE_CHECKING:
-    from hkstore.store._archive import Archive
-    from hkstore.store._signing import Signer
+    from hkstore.store import Archive, Signer
 
 __all__ = ["sign_archive"]
 
@@ -32,8 +31,7 @@ def sign_archive(source: str, dest: str, signer: Signer) -> VerifyOutcome:
         UsageError: ``source`` is not an archive at all.
         OSError: ``dest`` cannot be written.
     """
-    from hkstore.store._atomic import atomic_write
-    from hkstore.store._trust import Trust
+    from hkstore.store import Trust, atomic_write
 
     mode = stat.S_IMODE(os.stat(source).st_mode) if os.path.exists(source) else 0o644
 

@@ -9,6 +9,7 @@ from collections.abc import Callable
 
 from hkstore.errors import (
     ContainerError,
+    DeclearnFormatError,
     DigestMismatchError,
     HkstoreError,
     InvalidKeyError,
@@ -47,6 +48,7 @@ class UsageError(Exception):
 
 _USAGE_ERRORS = (
     UsageError,
+    DeclearnFormatError,
     UnsupportedVersionError,
     InvalidKeyError,
     MissingDependencyError,

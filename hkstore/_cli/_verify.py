@@ -19,8 +19,7 @@ from hkstore._cli._status import ExitCode, check_name, exit_code_for
 from hkstore.errors import HkstoreError
 
 if TYPE_CHECKING:
-    from hkstore.store._archive import Archive
-    from hkstore.store._trust import Trust
+    from hkstore.store import Archive, Trust
 
 __all__ = ["REPORT_FORMAT", "REPORT_VERSION", "VerifyOutcome", "render_verify", "run_checks"]
 

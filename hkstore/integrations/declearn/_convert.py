@@ -3,7 +3,7 @@
 declearn's ``HaikuModel.get_config()`` stores the model and loss functions as hex-encoded
 joblib pickles; for an importable function such a pickle is nothing but one global reference
 (``module`` + ``qualname``). This module reads that reference from the pickle's opcodes
-(:func:`~hkstore.store._pickle_scan.is_plain_global_reference`) and refuses any other pickle,
+(:func:`hkstore.store.is_plain_global_reference`) and refuses any other pickle,
 listing the globals it would import. The weights come from a checkpoint's
 ``model_state_<timestamp>.mpk``: a MessagePack document in declearn's wire form, where a typed
 object is the map ``{"__type__": NAME, "dump": VALUE}``, a vector is
@@ -13,6 +13,10 @@ writer's byte order: little-endian on every platform declearn runs on).
 
 A plain ``model_config.json`` holds no weights, so converting it alone is refused with a message
 that names what to pass instead (the checkpoint folder, or ``--state FILE``).
+
+This module imports neither declearn nor jax: the ``hkstore convert-declearn`` command runs on a
+machine that has neither. Every failure is an :class:`~hkstore.errors.HkstoreError`
+(:class:`~hkstore.errors.DeclearnFormatError` for input that is not declearn's).
 """
 
 from __future__ import annotations
@@ -24,16 +28,26 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from hkstore._cli._status import UsageError
 from hkstore.errors import (
     ArchiveFormatError,
+    DeclearnFormatError,
     LimitExceededError,
+    MissingDependencyError,
     RefusedCodeError,
     UnsupportedDtypeError,
 )
-from hkstore.store._canonical import parse_json_strict
-from hkstore.store._limits import DEFAULT_LIMITS, Limits
-from hkstore.store._pickle_scan import is_plain_global_reference, pickle_globals
+from hkstore.store import (
+    DEFAULT_LIMITS,
+    ArchiveContent,
+    Limits,
+    TensorSpec,
+    atomic_write,
+    dtype_for_code,
+    is_plain_global_reference,
+    parse_json_strict,
+    pickle_globals,
+    write_archive,
+)
 
 if TYPE_CHECKING:
     import numpy as np
@@ -41,7 +55,6 @@ if TYPE_CHECKING:
 __all__ = [
     "CONFIG_NAME",
     "ConvertSummary",
-    "DeclearnFormatError",
     "DeclearnModel",
     "convert",
     "decode_array",
@@ -74,10 +87,6 @@ _DTYPE_CODES: dict[str, str | tuple[str, str]] = {
 }  # fmt: skip
 
 
-class DeclearnFormatError(UsageError):
-    """The input is not a declearn config or checkpoint this reader understands (exit 2)."""
-
-
 @dataclass(frozen=True)
 class DeclearnModel:
     """A declearn HaikuModel read without unpickling.
@@ -104,24 +113,26 @@ def locate_inputs(path: Path, state: Path | None) -> tuple[Path, Path]:
     ``model_state_YY-MM-DD_HH-MM-SS.mpk``, so the last name in sorted order is the newest.
 
     Raises:
-        UsageError: ``path`` does not exist, or no state file is given or found.
+        DeclearnFormatError: ``path`` does not exist, or no state file is given or found.
     """
     if not path.exists():
-        raise UsageError(f"{path}: no such file or folder")
+        raise DeclearnFormatError(f"{path}: no such file or folder")
     folder = path if path.is_dir() else path.parent
     config = folder / CONFIG_NAME if path.is_dir() else path
     if not config.is_file():
-        raise UsageError(f"{path}: no {CONFIG_NAME} in this folder; pass a declearn checkpoint")
+        raise DeclearnFormatError(
+            f"{path}: no {CONFIG_NAME} in this folder; pass a declearn checkpoint"
+        )
     if state is not None:
         if not state.is_file():
-            raise UsageError(f"--state {state}: no such file")
+            raise DeclearnFormatError(f"state file {state}: no such file")
         return config, state
     states = sorted(
         name for name in os.listdir(folder)
         if name.startswith(_STATE_PREFIX) and name.endswith(_STATE_SUFFIX)
     )
     if not path.is_dir() or not states:
-        raise UsageError(
+        raise DeclearnFormatError(
             f"{path}: a declearn model config holds no weights (declearn keeps them in "
             f"{_STATE_PREFIX}<timestamp>{_STATE_SUFFIX} files); pass the checkpoint folder "
             "that holds both, or --state FILE"
@@ -160,8 +171,8 @@ def read_declearn(
     references = dict(overrides or {})
     for role, ref in references.items():
         if not _is_reference(ref):
-            raise UsageError(
-                f"--{role}-ref {ref!r}: expected MODULE:QUALNAME, e.g. mypkg.nets:forward"
+            raise DeclearnFormatError(
+                f"{role} reference {ref!r}: expected MODULE:QUALNAME, e.g. mypkg.nets:forward"
             )
     for role in _ROLES:
         if role not in references:
@@ -227,7 +238,7 @@ def _read_state(path: Path, limits: Limits) -> dict[str, tuple[str, np.ndarray]]
     try:
         import msgpack
     except ImportError:
-        raise UsageError(
+        raise MissingDependencyError(
             "reading declearn checkpoints needs the 'msgpack' package: pip install msgpack"
         ) from None
     data = _read_bytes(path, limits.max_total_bytes)
@@ -274,8 +285,6 @@ def decode_array(wire: Any, *, where: str) -> tuple[str, np.ndarray]:
         UnsupportedDtypeError: the dtype is not one the archive format stores.
     """
     import numpy as np
-
-    from hkstore.store._dtypes import dtype_for_code
 
     if not (isinstance(wire, Sequence) and len(wire) == 3):
         raise DeclearnFormatError(f"{where}: expected [data, dtype, shape]")
@@ -336,10 +345,6 @@ def convert(
     Raises:
         as :func:`read_declearn`; OSError when ``out`` cannot be written.
     """
-    from hkstore.store._archive import ArchiveContent, write_archive
-    from hkstore.store._atomic import atomic_write
-    from hkstore.store._weights import TensorSpec
-
     model = read_declearn(config_path, state_path, overrides=overrides, limits=limits)
     names = list(model.weights)
     content = ArchiveContent(

@@ -1,0 +1,9 @@
+"""hkstore.integrations: one sub-package per federated-learning framework.
+
+Each sub-package imports only its framework and hkstore's public API (``hkstore``, and the
+store's documented tier ``hkstore.store``), and comes with an extra of its own
+(``pip install 'hkstore[declearn]'``...). Importing this package imports no framework.
+
+- ``hkstore.integrations.declearn``: reading declearn 2.x HaikuModel checkpoints without
+  unpickling them (:func:`~hkstore.integrations.declearn.convert`; needs no declearn).
+"""
