@@ -6,11 +6,16 @@ Each check runs in a fresh interpreter, so that what this test process imported 
 from __future__ import annotations
 
 import ast
+import importlib.util
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 BLOCKED = ("jax", "jaxlib", "haiku")
@@ -146,3 +151,76 @@ def test_store_source_never_imports_jax_or_the_model_layer() -> None:
         if bad:
             offenders[path.name] = bad
     assert offenders == {}
+
+
+# --- the rule of the layers, from the import graph (tools/import_graph.py) ------------------
+
+def _graph_tool() -> Any:
+    """Load ``tools/import_graph.py`` (stdlib only) as a module."""
+    path = REPO / "tools" / "import_graph.py"
+    spec = importlib.util.spec_from_file_location("import_graph", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["import_graph"] = module  # dataclasses look their module up by name
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_package_import_graph_has_no_cycle_and_no_forbidden_arrow() -> None:
+    tool = _graph_tool()
+    graph = tool.build_graph(REPO)
+    assert len(graph.modules) > 40
+    assert "hkstore.saving" in graph.modules and "hkstore.store._config" in graph.modules
+    assert tool.problems(graph) == []
+    assert all(tool.layer(m) != "unknown" for m in graph.modules)
+
+
+@pytest.fixture
+def package_copy(tmp_path: Path) -> Path:
+    """A copy of the package's source to break on purpose (the checkout is never touched)."""
+    shutil.copytree(REPO / "hkstore", tmp_path / "hkstore")
+    return tmp_path
+
+
+#: (module to edit, line to add, a fragment of the problem it must cause)
+VIOLATIONS = [
+    ("hkstore/store/_limits.py", "from hkstore.store import _archive",
+     "import cycle: hkstore.store._archive"),
+    ("hkstore/model/_fit.py", "import hkstore.model._model",
+     "import cycle: hkstore.model._fit <-> hkstore.model._model"),
+    ("hkstore/store/_limits.py", "from hkstore.model import HaikuModel",
+     "store imports a higher layer (model): hkstore.store._limits -> hkstore.model"),
+    ("hkstore/model/_fit.py", "from hkstore import saving",
+     "model imports a higher layer (saving): hkstore.model._fit -> hkstore.saving"),
+    ("hkstore/model/_fit.py", "from hkstore.store._weights import TensorSpec",
+     "private store module used outside the store: hkstore.model._fit -> hkstore.store._weights"),
+    ("hkstore/integrations/declearn/_convert.py", "from hkstore import saving",
+     "integrations imports its sibling layer saving"),
+    ("hkstore/integrations/declearn/_convert.py", "from hkstore import cli",
+     "integrations imports a higher layer (cli)"),
+    ("hkstore/_cli/_common.py", "from hkstore.model import HaikuModel",
+     "the CLI imports the model layer (jax): hkstore._cli._common -> hkstore.model"),
+    ("hkstore/store/_limits.py", "import jax", "store imports jax: hkstore.store._limits"),
+    ("hkstore/store/_limits.py", "import hkstore", "store imports the public package"),
+]
+
+
+@pytest.mark.parametrize(("module", "line", "problem"), VIOLATIONS,
+                         ids=[v[2].split(":")[0] + f"-{i}" for i, v in enumerate(VIOLATIONS)])
+def test_the_layering_check_catches_each_forbidden_import(
+    package_copy: Path, module: str, line: str, problem: str
+) -> None:
+    """The control: one import added on purpose (inside a function too) is reported."""
+    tool = _graph_tool()
+    assert tool.problems(tool.build_graph(package_copy)) == []
+    path = package_copy / module
+    path.write_text(path.read_text() + f"\n\ndef _planted() -> None:\n    {line}\n")
+    found = tool.problems(tool.build_graph(package_copy))
+    assert any(problem in p for p in found), found
+
+
+def test_imports_under_type_checking_are_not_arrows(package_copy: Path) -> None:
+    tool = _graph_tool()
+    path = package_copy / "hkstore" / "store" / "_limits.py"
+    path.write_text(path.read_text() + "\nif TYPE_CHECKING:\n    from hkstore.model import X\n")
+    assert tool.problems(tool.build_graph(package_copy)) == []
