@@ -1,7 +1,7 @@
 """Build small hkstore archives without jax (numpy arrays through ``write_archive``) for tests.
 
 Example:
-    >>> path = write_test_archive(tmp_path / "a.hkz", tensors={"lin:w": np.ones((2, 3), "f4")})
+    >>> path = write_test_archive(tmp_path / "a.hkz", make_content())  # doctest: +SKIP
 """
 
 from __future__ import annotations

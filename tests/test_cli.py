@@ -6,13 +6,11 @@ process (``run_cli``); finer cases call ``main()`` in this process (``cli``), wh
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import os
 import stat
 import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -27,12 +25,12 @@ from helpers_archives import (
     malicious_pickle,
     write_test_archive,
 )
+from helpers_cli import REPO, cli, run_cli, run_python
 
 from hkstore._cli._common import PROGRESS_MIN_BYTES, Progress
 from hkstore._cli._diff import tensor_stats
 from hkstore._cli._inspect import element_bytes
 from hkstore._cli._status import ExitCode, UsageError, exit_code_for
-from hkstore.cli import main
 from hkstore.errors import (
     ContainerError,
     DigestMismatchError,
@@ -45,25 +43,7 @@ from hkstore.store._canonical import canonical_json
 from hkstore.store._container import ContainerWriter, read_container
 from hkstore.store._zstd import compress
 
-REPO = Path(__file__).resolve().parents[1]
 SCHEMAS = REPO / "schemas"
-
-
-def run_cli(*args: object, pythonpath: list[Path] | None = None,
-            cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    """Run ``python -m hkstore ARGS`` in a fresh process."""
-    paths = [*(pythonpath or []), REPO, REPO / "tests"]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(map(str, paths)))
-    return subprocess.run([sys.executable, "-m", "hkstore", *map(str, args)], cwd=cwd,
-                          capture_output=True, text=True, env=env, timeout=120, check=False)
-
-
-def cli(*args: object) -> subprocess.CompletedProcess[str]:
-    """Run ``hkstore.cli.main(ARGS)`` in this process (the fast path for detailed checks)."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main([str(a) for a in args])
-    return subprocess.CompletedProcess(list(args), code, out.getvalue(), err.getvalue())
 
 
 def validated(result: subprocess.CompletedProcess[str], schema: str) -> dict[str, Any]:
@@ -593,11 +573,8 @@ def test_verbs_import_neither_jax_nor_the_model_layer(archive: Path, tmp_path: P
     )
     argv = [str(["inspect", str(archive)]), str(["verify", str(archive)]),
             str(["diff", str(archive), str(other)])]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "tests")]))
     program = script.replace("sys.argv[1:]", f"[{', '.join(argv)}]")
-    result = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True,
-                            env=env, timeout=120, check=False)
-    assert result.returncode == 0, result.stderr
+    result = run_python(program)
     assert result.stdout.strip().splitlines()[-1] == "[0, 0, 0] []"
 
 
@@ -609,8 +586,5 @@ def test_inspect_starts_without_numpy(archive: Path) -> None:
         f"code = main(['inspect', {str(archive)!r}, '--json'])\n"
         "print(code, sorted(m for m in ('numpy', 'jax', 'cloudpickle') if m in sys.modules))\n"
     )
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "tests")]))
-    result = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True,
-                            env=env, timeout=120, check=False)
-    assert result.returncode == 0, result.stderr
+    result = run_python(program)
     assert result.stdout.strip().splitlines()[-1] == "0 []"

@@ -10,14 +10,9 @@ global reference); ``model_state_<YY-MM-DD_HH-MM-SS>.mpk`` is the MessagePack of
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
-import os
 import pickle
 import struct
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +22,7 @@ import msgpack
 import numpy as np
 import pytest
 from helpers_archives import default_tensors, malicious_pickle
+from helpers_cli import cli, run_cli
 
 from hkstore.cli import main
 from hkstore.errors import (
@@ -41,9 +37,6 @@ from hkstore.integrations.declearn import (
     read_declearn,
 )
 from hkstore.store._archive import open_archive
-
-REPO = Path(__file__).resolve().parents[1]
-
 
 # --- declearn's wire format, written by hand --------------------------------------------------
 
@@ -93,20 +86,6 @@ def make_checkpoint(folder: Path, *, config: dict | None = None,
     for stamp, values in states.items():
         (folder / f"model_state_{stamp}.mpk").write_bytes(pack_state(values))
     return folder
-
-
-def run_cli(*args: object) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "tests")]))
-    return subprocess.run([sys.executable, "-m", "hkstore", *map(str, args)],
-                          capture_output=True, text=True, env=env, timeout=120, check=False)
-
-
-def cli(*args: object) -> subprocess.CompletedProcess[str]:
-    """Run ``hkstore.cli.main(ARGS)`` in this process (faster than a subprocess)."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main([str(a) for a in args])
-    return subprocess.CompletedProcess(list(args), code, out.getvalue(), err.getvalue())
 
 
 # --- the wire form is what we think it is ----------------------------------------------------
@@ -334,12 +313,8 @@ def test_convert_without_msgpack_says_what_to_install(tmp_path: Path) -> None:
     blocker.mkdir(parents=True)
     (blocker / "__init__.py").write_text("raise ImportError('msgpack is blocked in this test')\n")
     folder = make_checkpoint(tmp_path / "ckpt")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        [str(tmp_path / "blocker"), str(REPO), str(REPO / "tests")]))
-    result = subprocess.run(
-        [sys.executable, "-m", "hkstore", "convert-declearn", str(folder), "--out",
-         str(tmp_path / "o.hkz")],
-        capture_output=True, text=True, env=env, timeout=120, check=False)
+    result = run_cli("convert-declearn", folder, "--out", tmp_path / "o.hkz",
+                     pythonpath=[tmp_path / "blocker"])
     assert result.returncode == 2
     assert "needs the 'msgpack' package: pip install msgpack" in result.stderr
 

@@ -7,28 +7,20 @@ from __future__ import annotations
 
 import ast
 import importlib.util
-import os
 import shutil
-import subprocess
 import sys
-import textwrap
 from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers_cli import INSTALLED, REPO, run_python
 
-REPO = Path(__file__).resolve().parents[1]
 BLOCKED = ("jax", "jaxlib", "haiku")
 
 
-def run_python(code: str, *, pythonpath: list[Path] | None = None) -> str:
+def python_stdout(code: str, *, pythonpath: list[Path] | None = None) -> str:
     """Run ``code`` in a fresh interpreter; return its stdout (it must exit 0)."""
-    paths = [*(pythonpath or []), REPO, REPO / "tests"]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(map(str, paths)))
-    result = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
-                            text=True, env=env, timeout=120, check=False)
-    assert result.returncode == 0, result.stderr
-    return result.stdout
+    return run_python(code, pythonpath=pythonpath or ()).stdout
 
 
 def blocker(tmp_path: Path) -> tuple[Path, Path]:
@@ -47,7 +39,7 @@ def blocker(tmp_path: Path) -> tuple[Path, Path]:
 def test_blocker_does_block(tmp_path: Path) -> None:
     """The control: in that interpreter, importing jax or haiku fails (and is recorded)."""
     folder, mark = blocker(tmp_path)
-    out = run_python(
+    out = python_stdout(
         """
         for name in ("jax", "haiku"):
             try:
@@ -63,7 +55,7 @@ def test_blocker_does_block(tmp_path: Path) -> None:
 
 def test_store_writes_opens_and_verifies_archives_without_jax(tmp_path: Path) -> None:
     folder, mark = blocker(tmp_path)
-    out = run_python(
+    out = python_stdout(
         f"""
         import sys
         from pathlib import Path
@@ -107,7 +99,7 @@ def test_store_writes_opens_and_verifies_archives_without_jax(tmp_path: Path) ->
 
 
 def test_import_hkstore_does_not_import_jax() -> None:
-    out = run_python(
+    out = python_stdout(
         """
         import sys
 
@@ -224,3 +216,22 @@ def test_imports_under_type_checking_are_not_arrows(package_copy: Path) -> None:
     path = package_copy / "hkstore" / "store" / "_limits.py"
     path.write_text(path.read_text() + "\nif TYPE_CHECKING:\n    from hkstore.model import X\n")
     assert tool.problems(tool.build_graph(package_copy)) == []
+
+
+def test_version_matches_the_package_metadata() -> None:
+    """``hkstore.__version__`` is what pip installed (pyproject's version), not a stale copy."""
+    from importlib.metadata import version
+
+    import hkstore
+
+    assert hkstore.__version__ == version("hkstore")
+    pyproject = (REPO / "pyproject.toml").read_text(encoding="utf-8")
+    assert f'\nversion = "{hkstore.__version__}"\n' in pyproject
+
+
+def test_the_suite_imports_the_hkstore_it_means_to() -> None:
+    """Against the wheel (HKSTORE_TEST_INSTALLED=1) hkstore comes from the venv, else from here."""
+    import hkstore
+
+    from_checkout = Path(hkstore.__file__).resolve().is_relative_to(REPO / "hkstore")
+    assert from_checkout is not INSTALLED

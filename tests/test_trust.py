@@ -14,6 +14,7 @@ from hkstore.errors import (
     RefusedCodeError,
     TrustPolicyError,
     UnsafeTrustWarning,
+    UntrustedKeyError,
 )
 from hkstore.store._keys import generate_ed25519_keypair, load_signer
 from hkstore.store._signing import (
@@ -113,9 +114,16 @@ def test_keys_verify_archive_signatures_end_to_end(tmp_path: Path) -> None:
     signature = sign_manifest(manifest, signer)
     trust = Trust(keys=[tmp_path / "server.pub"], allow_pickle=True)
     key_id = verify_manifest_signature(signature, manifest, trust.verifiers)
+    assert key_id == signer.key_id
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        trust.check_pickle_allowed(key_id)  # allowed, silently
+        trust.check_pickle_allowed(key_id)  # allowed, silently (a warning would raise here)
+    # the controls: another key's signature is untrusted, and no signature is refused
+    other = Ed25519Signer.generate()
+    with pytest.raises(UntrustedKeyError, match=f"signed by {other.key_id}"):
+        verify_manifest_signature(sign_manifest(manifest, other), manifest, trust.verifiers)
+    with pytest.raises(RefusedCodeError, match="not signed by any of the trusted keys"):
+        trust.check_pickle_allowed(None)
 
 
 def test_keys_errors(tmp_path: Path) -> None:
