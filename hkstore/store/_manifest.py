@@ -24,8 +24,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NotRequired, TypedDict
 
+from hkstore._version import __version__
 from hkstore.errors import LimitExceededError, ManifestError, UnsupportedVersionError
 from hkstore.store._canonical import canonical_json, json_path, parse_json_strict
+from hkstore.store._functions import current_runtime
 from hkstore.store._limits import DEFAULT_LIMITS, Limits
 from hkstore.store._records import (
     MANIFEST_MEMBER,
@@ -446,10 +448,7 @@ def writer_versions(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     Raises:
         ManifestError: ``extra`` has another key or a non-string value.
     """
-    import numpy
-
-    from hkstore._version import __version__
-    from hkstore.store._functions import current_runtime
+    import numpy  # here, not at the top: reading a manifest (inspect) needs no numpy
 
     python, implementation = current_runtime()
     out = {

@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from hkstore.errors import RefusedCodeError, TrustPolicyError, UnsafeTrustWarning
+from hkstore.store._keys import load_verifier
 from hkstore.store._signing import ALGORITHMS, Ed25519Signer, Verifier
 
 __all__ = ["REFUSED_MODULE_ROOTS", "Trust"]
@@ -278,8 +279,6 @@ def _verifiers(keys: Any) -> tuple[Verifier, ...]:
     out: dict[tuple[str, str], Verifier] = {}
     for index, key in enumerate(keys):
         if isinstance(key, str | os.PathLike):
-            from hkstore.store._keys import load_verifier
-
             verifier: Any = load_verifier(key)
         elif isinstance(key, Ed25519Signer):
             verifier = key.verifier()
