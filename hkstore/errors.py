@@ -17,6 +17,7 @@ from __future__ import annotations
 
 __all__ = [
     "ArchiveFormatError",
+    "ClippingError",
     "ConfigError",
     "ContainerError",
     "DataInfoError",
@@ -155,6 +156,10 @@ class DataInfoError(HkstoreError, ValueError):
 
 class RngStateError(HkstoreError, ValueError):
     """A random state that is not one PRNG key of a known implementation."""
+
+
+class ClippingError(HkstoreError, ValueError):
+    """An unknown clipping switch, or a model whose layer calls change between traces."""
 
 
 class NotInitializedError(HkstoreError, ValueError):

@@ -1,4 +1,9 @@
-"""Smoke test of tools/bench.py: a --quick run on tiny sizes writes every ratio key."""
+"""Smoke test of tools/bench.py: a --quick run on tiny sizes writes every ratio key.
+
+The hkstore gradient cases (plain, fast-clipped, per-sample-clipped, on both nets) and their
+step-memory figures must run: a skip of any of them fails the test. declearn's cases run when
+declearn is importable here and are skipped, saying so, when it is not.
+"""
 
 import json
 import os
@@ -18,7 +23,21 @@ RATIO_KEYS = {
     "peak_rss_vs_weights",
     "grads_vs_declearn",
     "grads_clipped_vs_declearn",
+    "clipped_vs_plain",
+    "clipped_fast_vs_per_sample",
+    "clipped_peak_vs_plain",
+    "cnn_clipped_vs_declearn",
+    "cnn_clipped_vs_plain",
+    "cnn_clipped_peak_vs_plain",
 }
+HK_GRAD_CASES = {"hk_plain", "hk_clipped", "hk_clipped_per_sample"}
+DL_GRAD_CASES = {"dl_plain", "dl_clipped"}
+
+
+def declearn_importable() -> bool:
+    probe = subprocess.run([sys.executable, "-c", "import declearn.model.haiku"],
+                           capture_output=True, check=False)
+    return probe.returncode == 0
 
 
 def test_quick_bench_on_tiny_sizes_writes_every_ratio(tmp_path: Path) -> None:
@@ -27,7 +46,8 @@ def test_quick_bench_on_tiny_sizes_writes_every_ratio(tmp_path: Path) -> None:
     cmd = [
         sys.executable, str(REPO / "tools" / "bench.py"), "--quick", "--sizes", "10k",
         "--reps", "1", "--inspect-mb", "1", "--grad-params", "2k", "--grad-batch", "4",
-        "--grad-seconds", "0.02", "--tmpdir", str(tmp_path), "--json", str(out),
+        "--grad-seconds", "0.02", "--grad-cnn", "4,8,8", "--mem-batch", "8", "--no-grad-rss",
+        "--tmpdir", str(tmp_path), "--json", str(out),
     ]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=240, check=False)
@@ -61,5 +81,28 @@ def test_quick_bench_on_tiny_sizes_writes_every_ratio(tmp_path: Path) -> None:
     machine = report["machine"]
     assert machine["cpu_count"] >= 1 and machine["python"] and machine["versions"]["jax"]
     assert report["ratios_size"] == "10k"
+    # gradients: every hkstore case ran on both nets, the clipped one on the fast path
+    with_declearn = declearn_importable()
+    for net in ("mlp", "cnn"):
+        grads = report["grads"]["nets"][net]
+        assert set(grads["steps_per_s"]) >= HK_GRAD_CASES, (net, grads["skipped"])
+        assert not HK_GRAD_CASES & set(grads["skipped"]), (net, grads["skipped"])
+        assert all(grads["steps_per_s"][c] > 0 for c in HK_GRAD_CASES)
+        assert grads["hk_clipped_path"] == "fast" and not grads["hk_clipped_fallbacks"]
+        assert grads["batch"] == 4 and grads["params"] > 1000
+        for case in DL_GRAD_CASES:
+            if with_declearn:
+                assert grads["steps_per_s"][case] > 0, (net, case, grads["skipped"])
+            else:
+                assert "declearn not importable" in grads["skipped"][case]
+        memory = report["grads"]["memory"][net]
+        assert set(memory["compiled_bytes"]) == {"plain", "fast", "per_sample"}
+        assert all(v > 0 for v in memory["compiled_bytes"].values())
+        assert memory["fast_vs_plain_compiled"] > 0
+    for key in ("clipped_vs_plain", "clipped_fast_vs_per_sample", "clipped_peak_vs_plain",
+                "cnn_clipped_vs_plain", "cnn_clipped_peak_vs_plain"):
+        assert report["ratios"][key] is not None, key
+    for key in ("grads_clipped_vs_declearn", "cnn_clipped_vs_declearn"):
+        assert (report["ratios"][key] is not None) == with_declearn, key
     # the tool cleaned up after itself
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bench.json"]

@@ -52,8 +52,14 @@ Cases (each skipped with a printed reason when its library or API is missing):
 Once per run: ``hkstore.open_archive(path).manifest`` on a ~1 GB archive (``--inspect-mb``);
 ``hkstore inspect`` whole-process wall time (median of 5); peak RSS above baseline while
 loading the largest size in a fresh subprocess (``/proc/self/clear_refs`` resets VmHWM);
-``compute_batch_gradients`` steps/s, plain and clipped (``max_norm=1.0``), hkstore vs declearn
-on the same weights and batch (``--grad-params``, ``--grad-batch``).
+``compute_batch_gradients`` steps/s on two nets, the MLP (``--grad-params``) and the small
+conv net of ``bench_models``, same weights and batch (``--grad-batch``) for every case:
+hkstore plain (``hk_plain``), clipped with ``max_norm=1.0`` on the path ``clipping="auto"``
+picks (``hk_clipped``: the fast path on both nets; the JSON records the path and each
+weight's method) and on the per-sample path (``hk_clipped_per_sample``), declearn plain and
+clipped (``dl_plain``, ``dl_clipped``); then the peak memory of one plain, fast-clipped and
+per-sample-clipped step at ``--mem-batch`` (256): XLA's compiled buffer assignment, and the RSS
+above baseline of a warm step in a fresh process.
 
 Ratios (under ``"ratios"`` in the JSON; null when a case was skipped) are taken at the largest
 size measured. Time ratios are hkstore time divided by the other's time (lower is better);
@@ -105,6 +111,12 @@ RATIO_KEYS = (
     "peak_rss_vs_weights",
     "grads_vs_declearn",
     "grads_clipped_vs_declearn",
+    "clipped_vs_plain",
+    "clipped_fast_vs_per_sample",
+    "clipped_peak_vs_plain",
+    "cnn_clipped_vs_declearn",
+    "cnn_clipped_vs_plain",
+    "cnn_clipped_peak_vs_plain",
 )
 
 RATIO_DEFINITIONS = {
@@ -116,8 +128,17 @@ RATIO_DEFINITIONS = {
     "inspect_1gb_ms": "median ms of open_archive(path).manifest on the inspect archive; < 50",
     "cli_inspect_ms": "median wall ms of the `hkstore inspect ARCHIVE` process; < 300",
     "peak_rss_vs_weights": "(VmHWM during hkstore.load - VmRSS before) / weight bytes; <= 1.2",
-    "grads_vs_declearn": "hkstore steps/s / declearn steps/s, plain; >= 1.0",
-    "grads_clipped_vs_declearn": "the same with max_norm=1.0; >= 1.0",
+    "grads_vs_declearn": "MLP: hkstore steps/s / declearn steps/s, plain; >= 1.0",
+    "grads_clipped_vs_declearn": "MLP: the same with max_norm=1.0 (hkstore: clipping='auto'); "
+                                 ">= 20",
+    "clipped_vs_plain": "MLP: hk_clipped steps/s / hk_plain steps/s; >= 0.3",
+    "clipped_fast_vs_per_sample": "MLP: hk_clipped / hk_clipped_per_sample steps/s (speed-up "
+                                  "of the fast path over the per-sample path)",
+    "clipped_peak_vs_plain": "MLP: compiled peak memory of a fast clipped step / a plain step, "
+                             "at --mem-batch; <= 2",
+    "cnn_clipped_vs_declearn": "conv net: hk_clipped / dl_clipped steps/s; >= 20",
+    "cnn_clipped_vs_plain": "conv net: hk_clipped / hk_plain steps/s; >= 0.3",
+    "cnn_clipped_peak_vs_plain": "conv net: as clipped_peak_vs_plain; <= 2",
 }
 
 SIZE_SUFFIXES = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9}
@@ -410,6 +431,20 @@ class Dl:
             m.initialize({"data_type": "float32", "features_shape": (bench_models.FEATURES,)})
             m.set_weights(self.Vector({k: jax.device_put(np.asarray(v))
                                        for k, v in weights.items()}))
+        return m
+
+    def grad_model(self, fn: Callable[..., Any], info: Mapping[str, Any],
+                   weights: Mapping[str, Any] | None) -> Any:
+        """A declearn model of ``fn``, with ``weights`` when given (else its own seed-0 init)."""
+        import jax
+
+        with quiet():
+            m = self.HaikuModel(model=fn, loss=bench_models.mse, seed=0)
+            m.initialize({"data_type": info["data_type"],
+                          "features_shape": tuple(info["features_shape"])})
+            if weights is not None:
+                m.set_weights(self.Vector({k: jax.device_put(np.asarray(v))
+                                           for k, v in weights.items()}))
         return m
 
 
@@ -994,33 +1029,66 @@ def bench_cli(path: Path, reps: int = 5) -> dict[str, Any]:
 # --------------------------------------------------------------------------- gradients
 
 
-def bench_grads(args: argparse.Namespace, hk: Hk, dl: Dl) -> dict[str, Any]:
-    """compute_batch_gradients steps/s, plain and clipped, hkstore vs declearn."""
+GRAD_NETS = ("mlp", "cnn")
+#: Gradient cases: (name, max_norm, clipping switch); declearn's have no switch.
+HK_GRAD_CASES = (("hk_plain", None, None), ("hk_clipped", MAX_NORM, "auto"),
+                 ("hk_clipped_per_sample", MAX_NORM, "per-sample"))
+
+
+def grad_net(net: str, args: argparse.Namespace, batch: int) -> dict[str, Any]:
+    """The function, data info and batch of a gradient-bench net (``mlp`` or ``cnn``)."""
+    if net == "mlp":
+        widths = bench_models.widths_for(args.grad_params)
+        x, y = bench_models.batch(batch)
+        return {"fn": model_fn(widths), "info": dict(DATA_INFO), "x": x, "y": y,
+                "widths": widths}
+    x, y = bench_models.cnn_batch(batch)
+    channels, dense = args.grad_cnn[:2], args.grad_cnn[2]
+    fn = functools.partial(bench_models.cnn, channels=channels, dense=dense)
+    return {"fn": fn, "x": x, "y": y, "cnn": args.grad_cnn,
+            "info": {"data_type": "float32", "features_shape": list(bench_models.CNN_SHAPE)}}
+
+
+def hk_grad_model(hk: Hk, spec: Mapping[str, Any]) -> Any:
+    with quiet():
+        m = hk.mod.HaikuModel(model=spec["fn"], loss=bench_models.mse, seed=0)
+        m.initialize(dict(spec["info"]))
+    return m
+
+
+def bench_grad_net(net: str, args: argparse.Namespace, hk: Hk, dl: Dl) -> dict[str, Any]:
+    """compute_batch_gradients steps/s of one net: hkstore (plain, clipped on the path
+    ``clipping="auto"`` picks, clipped per-sample) and declearn (plain, clipped)."""
     import jax
 
-    widths = bench_models.widths_for(args.grad_params)
-    n = bench_models.param_count(widths)
-    print(f"\n== gradients: {n:,} params, batch {args.grad_batch}, max_norm {MAX_NORM}",
-          flush=True)
-    x, y = bench_models.batch(args.grad_batch)
-    res: dict[str, Any] = {"params": n, "batch": args.grad_batch, "max_norm": MAX_NORM,
-                           "widths": widths, "steps_per_s": {}, "skipped": {}}
+    spec = grad_net(net, args, args.grad_batch)
+    x, y = spec["x"], spec["y"]
+    res: dict[str, Any] = {"batch": args.grad_batch, "max_norm": MAX_NORM, "steps_per_s": {},
+                           "skipped": {}}
     steps: dict[str, Callable[[], Any]] = {}
     weights = None
     why = hk.why_not("HaikuModel")
     if why is None:
         try:
-            hk_model = hk.model(widths)
+            hk_model = hk_grad_model(hk, spec)
             weights = dict(hk_model.get_weights().coefs)
-            steps["hk_plain"] = lambda: hk_model.compute_batch_gradients((x, y, None))
-            steps["hk_clipped"] = lambda: hk_model.compute_batch_gradients(
-                (x, y, None), max_norm=MAX_NORM)
+            res["params"] = int(sum(np.size(v) for v in weights.values()))
+            for name, bound, switch in HK_GRAD_CASES:
+                kwargs = {} if switch is None else {"max_norm": bound, "clipping": switch}
+                steps[name] = functools.partial(hk_model.compute_batch_gradients, (x, y, None),
+                                                **kwargs)
+            steps["hk_clipped"]()
+            report = hk_model.last_clipping
+            res["hk_clipped_path"] = report.path
+            res["hk_clipped_methods"] = report.methods
+            res["hk_clipped_fallbacks"] = report.fallbacks
         except Exception as exc:
             why = f"hkstore.HaikuModel failed: {type(exc).__name__}: {exc}"
+            steps.clear()
     if why:
-        res["skipped"].update(hk_plain=why, hk_clipped=why)
+        res["skipped"].update(dict.fromkeys((c for c, _, _ in HK_GRAD_CASES), why))
     if dl.reason is None:
-        dl_model = dl.model(widths, weights if weights is not None else haiku_weights(widths))
+        dl_model = dl.grad_model(spec["fn"], spec["info"], weights)
 
         def dl_step(max_norm: float | None) -> Any:
             with quiet():
@@ -1030,6 +1098,8 @@ def bench_grads(args: argparse.Namespace, hk: Hk, dl: Dl) -> dict[str, Any]:
         steps["dl_clipped"] = lambda: dl_step(MAX_NORM)
     else:
         res["skipped"].update(dl_plain=dl.reason, dl_clipped=dl.reason)
+    print(f"\n== gradients, {net}: {res.get('params', '?'):,} params, batch {args.grad_batch}, "
+          f"max_norm {MAX_NORM}; hk_clipped path: {res.get('hk_clipped_path')}", flush=True)
     # warm-up (compiles) and calibration: each round of a variant lasts ~args.grad_seconds
     count: dict[str, int] = {}
     for name, step in list(steps.items()):
@@ -1054,7 +1124,7 @@ def bench_grads(args: argparse.Namespace, hk: Hk, dl: Dl) -> dict[str, Any]:
             rates[name].append(count[name] / (time.perf_counter() - t0))
     for name in names:
         res["steps_per_s"][name] = median(rates[name])
-        print(f"  {name:<12}{res['steps_per_s'][name]:>10.2f} steps/s   "
+        print(f"  {name:<22}{res['steps_per_s'][name]:>10.2f} steps/s   "
               f"({count[name]} steps/round; " + " ".join(f"{r:.1f}" for r in rates[name]) + ")")
     res["samples_steps_per_s"] = rates
     res["steps_per_round"] = count
@@ -1064,6 +1134,117 @@ def bench_grads(args: argparse.Namespace, hk: Hk, dl: Dl) -> dict[str, Any]:
     steps.clear()
     jax.clear_caches()
     return res
+
+
+def step_memory(model: Any, x: np.ndarray, y: np.ndarray, clipping: str | None) -> int:
+    """Peak bytes of one compiled step (arguments + outputs + temporaries - aliased), from
+    XLA's buffer assignment (``compile().memory_analysis()``); nothing runs.
+
+    Reaches into the model's compiled steps (private): the public API runs steps, it does not
+    hand out their executables.
+    """
+    from hkstore.model._batch import place_batch
+
+    fns = model._functions()
+    trainable, frozen = model._split()
+    inputs, yy, ww = place_batch((x, y, None), model._device, where="bench")
+    if clipping is None:
+        lowered = fns.grads.lower(trainable, frozen, model._rng, inputs, yy, ww)
+    elif clipping == "per-sample":
+        lowered = fns.clipped_grads.lower(trainable, frozen, model._rng, inputs, yy, ww,
+                                          MAX_NORM)
+    else:
+        plan = fns.plan(trainable, frozen, inputs, yy, ww)
+        lowered = fns.fast_clipped_grads.lower(plan, trainable, frozen, model._rng, inputs, yy,
+                                               ww, MAX_NORM)
+    ma = lowered.compile().memory_analysis()
+    return int(ma.argument_size_in_bytes + ma.output_size_in_bytes + ma.temp_size_in_bytes
+               - ma.alias_size_in_bytes)
+
+
+def bench_grad_memory(args: argparse.Namespace, hk: Hk) -> dict[str, Any]:
+    """Peak memory of a plain, a fast-clipped and a per-sample-clipped step at
+    ``--mem-batch``: XLA's compiled figure, and RSS above baseline of a fresh process."""
+    res: dict[str, Any] = {"batch": args.mem_batch}
+    why = hk.why_not("HaikuModel")
+    if why:
+        res["skipped"] = why
+        return res
+    print(f"\n== peak memory of one step, batch {args.mem_batch} (compiled: XLA buffer "
+          "assignment; rss: fresh process, VmHWM above baseline)", flush=True)
+    for net in GRAD_NETS:
+        spec = grad_net(net, args, args.mem_batch)
+        model = hk_grad_model(hk, spec)
+        fig: dict[str, Any] = {"compiled_bytes": {}, "rss_bytes": {}}
+        for case, switch in (("plain", None), ("fast", "fast"), ("per_sample", "per-sample")):
+            fig["compiled_bytes"][case] = step_memory(model, spec["x"], spec["y"], switch)
+            fig["rss_bytes"][case] = grad_rss(net, args, switch) if args.grad_rss else None
+        plain_c, plain_r = fig["compiled_bytes"]["plain"], fig["rss_bytes"]["plain"]
+        fig["fast_vs_plain_compiled"] = ratio(fig["compiled_bytes"]["fast"], plain_c)
+        fig["fast_vs_plain_rss"] = ratio(fig["rss_bytes"]["fast"], plain_r)
+        for kind in ("compiled", "rss"):
+            row = fig[f"{kind}_bytes"]
+            print(f"  {net} {kind:<9}" + "  ".join(
+                f"{k} {v / 1e6:8.2f} MB" if v is not None else f"{k} n/a"
+                for k, v in row.items()))
+        rss = fig["fast_vs_plain_rss"]
+        print(f"  {net} fast / plain: compiled {fig['fast_vs_plain_compiled']:.2f}x, rss "
+              + ("n/a" if rss is None else f"{rss:.2f}x"))
+        res[net] = fig
+    return res
+
+
+def grad_rss(net: str, args: argparse.Namespace, clipping: str | None) -> int | None:
+    """Peak RSS above baseline of one warm step in a fresh process (None if unavailable)."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--rss-child", "grad",
+           "--rss-widths", f"{net},{args.grad_params},{'-'.join(map(str, args.grad_cnn))},"
+           f"{args.mem_batch},{clipping or 'none'}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:]
+        raise BenchError(f"grad RSS child ({net}, {clipping}) exited {proc.returncode}: "
+                         + " ".join(tail))
+    fig = json.loads(lines[-1])
+    return int(fig["peak_above_baseline"]) if fig["method"] == "clear_refs" else None
+
+
+def grad_rss_child(what: str) -> int:
+    """Child process: one warm step (compiled and run once before), then VmHWM of a second."""
+    net, params, cnn, batch, clipping = what.split(",")
+    args = argparse.Namespace(grad_params=int(params), grad_cnn=[int(v) for v in cnn.split("-")])
+    spec = grad_net(net, args, int(batch))
+    hk = Hk()
+    cpu_policy(hk, None)
+    model = hk_grad_model(hk, spec)
+    kwargs = {} if clipping == "none" else {"max_norm": MAX_NORM, "clipping": clipping}
+
+    def step() -> Any:
+        return model.compute_batch_gradients((spec["x"], spec["y"], None), **kwargs)
+
+    block(step())
+    gc.collect()
+    method = "clear_refs"
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
+            f.write("5")
+    except OSError:
+        method = "unavailable"
+    baseline = proc_status("VmRSS")
+    block(step())
+    peak = proc_status("VmHWM")
+    print(json.dumps({"baseline_rss": baseline, "peak_rss": peak,
+                      "peak_above_baseline": peak - baseline, "method": method}))
+    return 0
+
+
+def bench_grads(args: argparse.Namespace, hk: Hk, dl: Dl) -> dict[str, Any]:
+    """Gradient steps/s on each net (see :func:`bench_grad_net`) and step peak memory."""
+    out: dict[str, Any] = {"max_norm": MAX_NORM, "nets": {}}
+    for net in GRAD_NETS:
+        out["nets"][net] = bench_grad_net(net, args, hk, dl)
+    out["memory"] = bench_grad_memory(args, hk) if args.mem_batch else {"skipped": "--mem-batch 0"}
+    return out
 
 
 # --------------------------------------------------------------------------- ratios, main
@@ -1079,7 +1260,10 @@ def compute_ratios(sizes: Mapping[str, Any], inspect_res: Mapping[str, Any],
     m: Mapping[str, float | None] = last["median_ms"]
     loads = [v for v in (m.get("hk_load_verified"), m.get("hk_load_noverify")) if v is not None]
     rss = last.get("peak_rss", {}).get("hk_load_verified", {})
-    sps = grads.get("steps_per_s", {})
+    nets = grads.get("nets", {})
+    sps = nets.get("mlp", {}).get("steps_per_s", {})
+    cnn = nets.get("cnn", {}).get("steps_per_s", {})
+    memory = grads.get("memory", {})
     out: dict[str, float | None] = {
         "save_vs_safetensors": ratio(m.get("hk_save"), m.get("st_save")),
         "load_verified_vs_safetensors": ratio(m.get("hk_load_verified"), m.get("st_load")),
@@ -1091,6 +1275,13 @@ def compute_ratios(sizes: Mapping[str, Any], inspect_res: Mapping[str, Any],
         "peak_rss_vs_weights": rss.get("ratio"),
         "grads_vs_declearn": ratio(sps.get("hk_plain"), sps.get("dl_plain")),
         "grads_clipped_vs_declearn": ratio(sps.get("hk_clipped"), sps.get("dl_clipped")),
+        "clipped_vs_plain": ratio(sps.get("hk_clipped"), sps.get("hk_plain")),
+        "clipped_fast_vs_per_sample": ratio(sps.get("hk_clipped"),
+                                            sps.get("hk_clipped_per_sample")),
+        "clipped_peak_vs_plain": memory.get("mlp", {}).get("fast_vs_plain_compiled"),
+        "cnn_clipped_vs_declearn": ratio(cnn.get("hk_clipped"), cnn.get("dl_clipped")),
+        "cnn_clipped_vs_plain": ratio(cnn.get("hk_clipped"), cnn.get("hk_plain")),
+        "cnn_clipped_peak_vs_plain": memory.get("cnn", {}).get("fast_vs_plain_compiled"),
     }
     assert tuple(out) == RATIO_KEYS
     return out
@@ -1123,6 +1314,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grad-batch", type=int, default=None, help="default 64; quick 32")
     p.add_argument("--grad-seconds", type=float, default=None,
                    help="target seconds per variant per round (default 0.5; quick 0.2)")
+    p.add_argument("--grad-cnn", type=lambda t: [int(v) for v in t.split(",")],
+                   default=[32, 64, 128],
+                   help="conv net's two conv widths and dense width (default 32,64,128)")
+    p.add_argument("--no-grad-rss", dest="grad_rss", action="store_false",
+                   help="step memory from XLA's figures only (no fresh process per case)")
+    p.add_argument("--mem-batch", type=int, default=256,
+                   help="batch of the step-memory figures (default 256; 0 skips them)")
+    p.add_argument("--grads-only", action="store_true",
+                   help="only the gradient and step-memory figures (no save/load, inspect)")
     p.add_argument("--no-declearn", action="store_true", help="skip the declearn cases")
     p.add_argument("--no-hkstore", action="store_true",
                    help="skip the hkstore cases (baselines only)")
@@ -1137,6 +1337,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.rss_child == "grad":
+        return grad_rss_child(args.rss_widths)
     if args.rss_child:
         return rss_child(args.rss_child, args.rss_path,
                          [int(w) for w in args.rss_widths.split(",")])
@@ -1171,13 +1373,14 @@ def main(argv: list[str] | None = None) -> int:
     sizes: dict[str, Any] = {}
     try:
         largest = max(range(len(args.sizes)), key=lambda i: args.sizes[i][1])
-        for i, (label, params) in enumerate(args.sizes):
+        for i, (label, params) in enumerate([] if args.grads_only else args.sizes):
             sizes[label] = bench_size(label, params, args, hk, dl, work, rss=(i == largest))
             gc.collect()
-        if largest != len(args.sizes) - 1:  # ratios come from the largest size: put it last
+        if sizes and largest != len(args.sizes) - 1:  # ratios come from the largest size
             lab = args.sizes[largest][0]
             sizes[lab] = sizes.pop(lab)
-        inspect_res = bench_inspect(args, hk, work)
+        inspect_res = {"skipped": "--grads-only"} if args.grads_only else bench_inspect(
+            args, hk, work)
         grads = bench_grads(args, hk, dl)
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -1189,6 +1392,7 @@ def main(argv: list[str] | None = None) -> int:
         "config": {"quick": q, "sizes": [s for s, _ in args.sizes], "reps": args.reps,
                    "warmup_rounds": 1, "tmpdir": str(base), "inspect_mb": args.inspect_mb,
                    "grad_params": args.grad_params, "grad_batch": args.grad_batch,
+                   "mem_batch": args.mem_batch, "grad_cnn": args.grad_cnn,
                    "declearn": dl.version, "declearn_skip_reason": dl.reason,
                    "hkstore_missing": hk.missing, "hkstore_functions": hk.functions,
                    "hkstore_functions_note": hk.functions_note,

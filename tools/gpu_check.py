@@ -18,8 +18,11 @@ What it does, in one process, in about 1-2 minutes on an H100/H200:
 3. Round trip. The archive is loaded onto the CPU (``set_device_policy(gpu=False)``), compared
    bit for bit with the GPU weights, moved back (``update_device_policy``), compared again, and
    loaded straight onto the GPU and compared a third time. Placement is checked each time.
-4. ``compute_batch_gradients`` steps/s, plain and clipped (``max_norm=1.0``), hkstore vs
-   declearn on the same weights and batch (``--grad-params`` 10M, ``--grad-batch`` 256).
+4. ``compute_batch_gradients`` steps/s, plain and clipped (``max_norm=1.0``) on the fast path
+   (``clipping="auto"``) and on the per-sample path, hkstore vs declearn, on the MLP
+   (``--grad-params`` 10M) and the small conv net of ``bench_models``, same weights and batch
+   (``--grad-batch`` 256); then the device memory XLA assigns to one plain, fast-clipped and
+   per-sample-clipped step at that batch.
 
 hkstore parts are skipped with a printed reason while its API is missing; declearn parts while
 declearn is not importable. The GPU image lacks dm-haiku, jmp, zstandard, jsonschema (with
@@ -293,12 +296,23 @@ def main(argv: list[str] | None = None) -> int:
         if report.get("round_trip", {}).get("problems"):
             status = 1
         grad_args = argparse.Namespace(grad_params=args.grad_params, grad_batch=args.grad_batch,
-                                       grad_seconds=args.grad_seconds, reps=args.reps)
+                                       grad_seconds=args.grad_seconds, reps=args.reps,
+                                       grad_cnn=[32, 64, 128], mem_batch=args.grad_batch,
+                                       grad_rss=False)
         report["grads"] = bench.bench_grads(grad_args, hk, dl)
-        sps = report["grads"]["steps_per_s"]
-        report["grads_vs_declearn"] = bench.ratio(sps.get("hk_plain"), sps.get("dl_plain"))
-        report["grads_clipped_vs_declearn"] = bench.ratio(sps.get("hk_clipped"),
-                                                          sps.get("dl_clipped"))
+        mlp = report["grads"]["nets"]["mlp"]["steps_per_s"]
+        cnn = report["grads"]["nets"]["cnn"]["steps_per_s"]
+        memory = report["grads"]["memory"]
+        report["grads_vs_declearn"] = bench.ratio(mlp.get("hk_plain"), mlp.get("dl_plain"))
+        report["grads_clipped_vs_declearn"] = bench.ratio(mlp.get("hk_clipped"),
+                                                          mlp.get("dl_clipped"))
+        report["clipped_vs_plain"] = bench.ratio(mlp.get("hk_clipped"), mlp.get("hk_plain"))
+        report["cnn_clipped_vs_plain"] = bench.ratio(cnn.get("hk_clipped"), cnn.get("hk_plain"))
+        report["clipped_peak_vs_plain"] = memory.get("mlp", {}).get("fast_vs_plain_compiled")
+        for key in ("grads_vs_declearn", "grads_clipped_vs_declearn", "clipped_vs_plain",
+                    "cnn_clipped_vs_plain", "clipped_peak_vs_plain"):
+            value = report[key]
+            print(f"  {key:<28}{'skipped' if value is None else f'{value:.3f}'}")
     finally:
         import shutil
 

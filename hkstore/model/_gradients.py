@@ -1,5 +1,10 @@
 """The compiled steps of a model: init, loss gradients (plain or per-sample clipped), predictions.
 
+Clipped gradients take one of two paths (:func:`clipped_step`): the per-sample path below
+(``vmap`` of ``grad``: every sample's full gradient is built) or the fast path of ``_ghost``
+(norms from the layers' inputs and output gradients, planned by ``_ghost_plan``). Both give
+the same numbers; the switch (``"auto"``, ``"fast"``, ``"per-sample"``) picks one.
+
 The functions are jitted once per ``(model, loss)`` pair and are device-agnostic: they run
 where their (committed) arguments live (unused arguments are kept so that this holds). Moving
 a model to another device only moves its arrays, and jax compiles one executable per device on
@@ -9,8 +14,9 @@ first use. Nothing here depends on the device: nothing to invalidate when the po
 from __future__ import annotations
 
 import functools
+import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from typing import Any, NamedTuple
 
 import haiku as hk
@@ -18,13 +24,28 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from hkstore.errors import ClippingError
+from hkstore.model._ghost import fast_clipped_grads
+from hkstore.model._ghost_plan import ClippingReport, Plan, plan_clipping
+
 __all__ = [
+    "CLIPPING_MODES",
+    "ClippingReport",
     "Params",
     "StepFunctions",
+    "check_clipping",
     "check_max_norm",
+    "clipped_step",
     "named_leaves",
     "step_functions",
 ]
+
+log = logging.getLogger("hkstore.model")
+
+#: The clipping switch: ``"auto"`` (the fast path when it norms at least one weight, else the
+#: per-sample path), ``"fast"`` (always the fast path), ``"per-sample"`` (always ``vmap(grad)``).
+CLIPPING_MODES = ("auto", "fast", "per-sample")
+_MAX_PLANS = 64  # plans kept per (model, loss) pair: one per batch signature and trainable set
 
 #: haiku's parameter tree: ``{module path: {param name: array}}``.
 Params = dict[str, dict[str, jax.Array]]
@@ -39,6 +60,8 @@ class StepFunctions(NamedTuple):
     clipped_grads: Callable[..., tuple[jax.Array, jax.Array, Params]]
     predict: Callable[..., tuple[jax.Array, jax.Array]]
     loss: Callable[..., jax.Array]
+    fast_clipped_grads: Callable[..., tuple[jax.Array, jax.Array, Params]]
+    plan: Callable[[Params, Params, tuple[Any, ...], Any, Any], Plan]
 
 
 def named_leaves(tree: Params) -> dict[str, jax.Array]:
@@ -128,6 +151,35 @@ def _build(model_fn: Callable[..., Any], loss_fn: Callable[[Any, Any], jax.Array
 
         return rng, jnp.mean(values), jax.tree_util.tree_map(clip_mean, per_sample)
 
+    def fast(plan: Plan, *args: Any) -> Any:
+        return fast_clipped_grads(loss, plan, *args)
+
+    def loss_of(apply: Callable[..., Any]) -> Callable[..., jax.Array]:
+        return functools.partial(_mean_loss, apply, loss_fn)
+
+    plans: dict[Hashable, Plan] = {}
+
+    def plan(trainable: Params, frozen: Params, inputs: Any, y: Any, w: Any) -> Plan:
+        """The fast path's plan for this batch signature (traced once, then cached)."""
+        key = _signature(trainable, frozen, inputs, y, w)
+        found = plans.get(key)
+        if found is None:
+            if len(plans) >= _MAX_PLANS:
+                plans.clear()
+            one = jax.tree_util.tree_map(_one_sample_spec, (inputs, y, w))
+            found = plan_clipping(model_fn, loss_of, _specs(trainable), _specs(frozen), one)
+            plans[key] = found
+            if found.fallbacks:
+                log.warning(
+                    "clipped gradients: %d weight(s) get per-sample gradients, as the fast "
+                    "path cannot norm them from their layer%s: %s",
+                    len(found.fallbacks),
+                    "" if found.fast_helps else " (no weight is normed: with clipping='auto' "
+                    "the per-sample path runs)",
+                    "; ".join(f"{name}: {why}" for name, why in found.fallbacks),
+                )
+        return found
+
     def predict(params: Params, rng: jax.Array, inputs: Any) -> Any:
         rng, key = jax.random.split(rng)
         return rng, apply(params, key, *inputs)
@@ -146,7 +198,33 @@ def _build(model_fn: Callable[..., Any], loss_fn: Callable[[Any, Any], jax.Array
         clipped_grads=jit(clipped_grads),
         predict=jit(predict),
         loss=jit(per_sample_loss),
+        fast_clipped_grads=jax.jit(fast, static_argnums=0, keep_unused=True),
+        plan=plan,
     )
+
+
+def _spec(a: Any) -> tuple[tuple[int, ...], str]:
+    return tuple(a.shape), str(a.dtype)
+
+
+def _signature(trainable: Params, frozen: Params, inputs: Any, y: Any, w: Any) -> Hashable:
+    """What a plan depends on: the weights' names, shapes, dtypes and one sample's shapes."""
+
+    def tree(params: Params) -> tuple[Any, ...]:
+        return tuple((m, p, _spec(v)) for m, inner in params.items() for p, v in inner.items())
+
+    sample = tuple(None if a is None else (a.shape[1:], str(a.dtype)) for a in (*inputs, y, w))
+    return tree(trainable), tree(frozen), len(inputs), sample
+
+
+def _specs(params: Params) -> dict[str, dict[str, Any]]:
+    """The weights as abstract values (shapes and dtypes), for tracing a plan."""
+    return {m: {p: jax.ShapeDtypeStruct(v.shape, v.dtype) for p, v in inner.items()}
+            for m, inner in params.items()}
+
+
+def _one_sample_spec(a: jax.Array) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct((1, *a.shape[1:]), a.dtype)
 
 
 # Bounded, so that a long-lived process creating many models with throwaway functions keeps
@@ -182,3 +260,65 @@ def check_max_norm(max_norm: object) -> float:
     if math.isnan(bound) or bound <= 0:
         raise ValueError(f"max_norm must be > 0 (or None for no clipping), got {max_norm!r}")
     return bound
+
+
+def check_clipping(mode: object) -> str:
+    """Return ``mode`` if it is one of :data:`CLIPPING_MODES`.
+
+    Raises:
+        ClippingError: anything else (a ``ValueError``), naming the accepted values.
+    """
+    if not isinstance(mode, str) or mode not in CLIPPING_MODES:
+        raise ClippingError(
+            f"clipping must be one of {', '.join(map(repr, CLIPPING_MODES))}, got {mode!r}"
+        )
+    return mode
+
+
+def clipped_step(
+    fns: StepFunctions,
+    mode: str,
+    trainable: Params,
+    frozen: Params,
+    rng: jax.Array,
+    inputs: tuple[jax.Array, ...],
+    y: jax.Array | None,
+    w: jax.Array | None,
+    max_norm: float,
+) -> tuple[jax.Array, jax.Array, Params, ClippingReport]:
+    """Run a clipped step on the path ``mode`` selects; return what it did as a report.
+
+    Args:
+        fns: the model's step functions.
+        mode: one of :data:`CLIPPING_MODES` (checked by the caller).
+        trainable, frozen, rng, inputs, y, w: as for ``StepFunctions.clipped_grads``.
+        max_norm: the clipping bound (> 0).
+
+    Returns:
+        ``(new rng, mean loss, clipped mean gradient tree, ClippingReport)``. A fallback (a
+        weight the fast path could not norm from its layer) is logged as a warning on
+        ``hkstore.model`` when the plan is made (once per batch signature), naming the
+        weights and why; every step logs its path at debug level.
+    """
+    if mode == "per-sample":
+        rng, loss, grads = fns.clipped_grads(trainable, frozen, rng, inputs, y, w, max_norm)
+        names = [f"{m}:{p}" for m, inner in trainable.items() for p in inner]
+        report = ClippingReport("per-sample", mode, dict.fromkeys(names, "per-sample"), {})
+        log.debug("clipped step: per-sample path (clipping='per-sample')")
+        return rng, loss, grads, report
+    plan = fns.plan(trainable, frozen, inputs, y, w)
+    fast = mode == "fast" or plan.fast_helps
+    report = ClippingReport(
+        "fast" if fast else "per-sample",
+        mode,
+        dict(plan.notes) if fast else {n: "per-sample" for n, _ in plan.notes},
+        dict(plan.fallbacks),
+    )
+    log.debug("clipped step: %s path (clipping=%r): %s", report.path, mode, report.methods)
+    if fast:
+        rng, loss, grads = fns.fast_clipped_grads(
+            plan, trainable, frozen, rng, inputs, y, w, max_norm
+        )
+    else:
+        rng, loss, grads = fns.clipped_grads(trainable, frozen, rng, inputs, y, w, max_norm)
+    return rng, loss, grads, report

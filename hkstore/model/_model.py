@@ -32,9 +32,12 @@ from hkstore.model._device import (
 )
 from hkstore.model._fit import Spec, check_fit, spec_of
 from hkstore.model._gradients import (
+    ClippingReport,
     Params,
     StepFunctions,
+    check_clipping,
     check_max_norm,
+    clipped_step,
     named_leaves,
     step_functions,
 )
@@ -117,6 +120,10 @@ class HaikuModel:
         self._trainable: list[str] = []  # a subset of _names, in model order
         self._losses: list[jax.Array] = []
         self.data_info: dict[str, Any] = {}
+        #: The clipping switch: "auto", "fast" or "per-sample" (see compute_batch_gradients).
+        self.clipping: str = "auto"
+        #: How the last clipped step ran (path, per-weight method, fallbacks), or None.
+        self.last_clipping: ClippingReport | None = None
 
     # --- properties and data info -----------------------------------------------------
 
@@ -292,19 +299,32 @@ class HaikuModel:
     # --- gradients, updates, predictions ----------------------------------------------
 
     def compute_batch_gradients(
-        self, batch: Batch, max_norm: float | None = None
+        self, batch: Batch, max_norm: float | None = None, *, clipping: str | None = None
     ) -> JaxNumpyVector:
         """Return the gradients of the batch's mean loss w.r.t. the trainable weights.
 
         The loss is ``mean(s_wght * loss(model(inputs), y_true))``. With ``max_norm``, each
-        sample's gradient is computed on a batch of one (with its own random key), scaled by
-        ``min(1, max_norm / ||g||)`` where ``||g||`` is its global L2 norm over all trainable
-        tensors (DP-SGD's rule), and the clipped gradients are averaged. The batch loss is
-        recorded (see :meth:`collect_training_losses`); the weights do not change.
+        sample's gradient (the model called on a batch of one, with the sample's own random
+        key) is scaled by ``min(1, max_norm / ||g||)`` where ``||g||`` is its global L2 norm
+        over all trainable tensors (DP-SGD's rule), and the clipped gradients are averaged.
+        The batch loss is recorded (see :meth:`collect_training_losses`); the weights do not
+        change.
+
+        Clipping runs on one of two paths with the same result (float32 round-off apart):
+        the *fast* path norms the weights of ``hk.Linear``, ``hk.ConvND`` and ``hk.Embed``
+        layers from their inputs and output gradients (no per-sample gradient is built for
+        them) and gives every other weight (biases, norm scales, unsupported layers) exact
+        per-sample gradients; the *per-sample* path builds every sample's full gradient.
+        ``clipping`` (or the ``clipping`` attribute, default ``"auto"``) chooses: ``"auto"``
+        takes the fast path when it norms at least one weight, ``"fast"`` and
+        ``"per-sample"`` force one. :attr:`last_clipping` tells which ran, how each weight
+        was handled, and the fallbacks (also logged on ``hkstore.model``).
 
         Args:
             batch: ``(inputs, y_true, s_wght)``.
             max_norm: clipping bound (> 0), or ``None`` for no clipping.
+            clipping: ``"auto"``, ``"fast"`` or ``"per-sample"`` for this call; ``None``
+                uses the ``clipping`` attribute.
 
         Returns:
             ``{name: gradient}`` for the trainable weights, in model order.
@@ -313,17 +333,19 @@ class HaikuModel:
             NotInitializedError: before :meth:`initialize`.
             TypeError: a malformed batch, or a non-number ``max_norm``.
             ValueError: ``max_norm <= 0`` (or NaN), or batch arrays of different lengths.
+            ClippingError: ``clipping`` is not one of the three (a ``ValueError``).
         """
         self._require_init("compute_batch_gradients")
         bound = None if max_norm is None else check_max_norm(max_norm)
+        mode = check_clipping(self.clipping if clipping is None else clipping)
         inputs, y_true, s_wght = place_batch(batch, self._device, where="compute_batch_gradients")
         trainable, frozen = self._split()
         fns = self._functions()
         if bound is None:
             rng, loss, grads = fns.grads(trainable, frozen, self._rng, inputs, y_true, s_wght)
         else:
-            rng, loss, grads = fns.clipped_grads(
-                trainable, frozen, self._rng, inputs, y_true, s_wght, bound
+            rng, loss, grads, self.last_clipping = clipped_step(
+                fns, mode, trainable, frozen, self._rng, inputs, y_true, s_wght, bound
             )
         self._rng = rng
         self._losses.append(loss)
