@@ -184,8 +184,8 @@ class _Recorder:
             self.fetched.add(top[2])
         else:
             role = vector_role(ctx.module, ctx.name)
-            owner = "outside any module" if ctx.module is None else type(ctx.module).__name__
-            self.owner.setdefault(name, f"vector:{role}" if role else owner)
+            owner = None if ctx.module is None else type(ctx.module).__name__
+            self.owner.setdefault(name, f"vector:{role}" if role else (owner or ""))
         return out
 
 
@@ -254,11 +254,15 @@ def _decide(rec: _Recorder, names: Sequence[str], outside_used: dict[str, bool])
             elif indices:
                 why = "also used outside its layer's calls"
             else:
-                owner = rec.owner.get(name, "an unknown module")
+                owner = rec.owner.get(name, "")
                 if owner.startswith("vector:"):
                     notes.append((name, f"per-sample ({owner.removeprefix('vector:')})"))
                     continue
-                why = f"a weight of {owner}, which the fast path does not norm"
+                why = (
+                    f"a weight of {owner}, a layer the fast path does not norm"
+                    if owner
+                    else "created outside any module"
+                )
         elif not indices:
             why = rec.reasons.get(name, "not used by the model")
         elif any(i not in rec.fetched for i in indices):
