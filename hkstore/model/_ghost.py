@@ -33,7 +33,7 @@ Example (through the wrapper):
     >>> x, y = np.ones((8, 3), np.float32), np.zeros((8, 1), np.float32)
     >>> g = m.compute_batch_gradients((x, y, None), max_norm=0.1)  # doctest: +SKIP
     >>> m.last_clipping.path, m.last_clipping.methods  # doctest: +SKIP
-    ('fast', {'lin:b': 'per-sample (bias)', 'lin:w': 'linear: rank1'})
+    ('fast', {'lin:b': 'linear: bias', 'lin:w': 'linear: rank1'})
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ import jax
 import jax.numpy as jnp
 
 from hkstore.errors import ClippingError
-from hkstore.model._ghost_layers import WeightFactors, capture, layer_kind, weight_of
+from hkstore.model._ghost_layers import WeightFactors, capture, layer_kind, weights_of
 from hkstore.model._ghost_plan import Plan, trace_state
 
 __all__ = ["fast_clipped_grads"]
@@ -68,7 +68,7 @@ class _Tapper:
         kind = layer_kind(ctx.module) if ctx.method_name == "__call__" else None
         if kind is None or trace_state() != self.entry:
             return next_f(*args, **kwargs)
-        if f"{ctx.module.module_name}:{weight_of(kind)}" not in self.normed:
+        if self.normed.isdisjoint(weights_of(kind, ctx.module)):
             return next_f(*args, **kwargs)
         index = len(self.acts)
         if index >= len(self.plan.calls) or self.plan.calls[index].module != ctx.module.module_name:
@@ -169,9 +169,10 @@ def fast_clipped_grads(
 
     factors: dict[str, WeightFactors] = {}
     for name in plan.normed:
-        idx = [i for i, c in enumerate(plan.calls) if c.weight == name]
+        idx = [i for i, c in enumerate(plan.calls) if name in c.weights]
         calls = [plan.calls[i] for i in idx]
-        factors[name] = WeightFactors(calls, [acts[i] for i in idx], [tap_grads[i] for i in idx])
+        kept = [acts[i] for i in idx]
+        factors[name] = WeightFactors(name, calls, kept, [tap_grads[i] for i in idx])
     sq = jnp.zeros((n,), jnp.float32)
     for weight in factors.values():
         sq = sq + weight.sq_norms().astype(sq.dtype)

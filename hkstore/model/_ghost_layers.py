@@ -9,10 +9,12 @@ of its output (see ``_ghost_norms``):
   rows), unless masked or grouped (``mask``, ``feature_group_count > 1``),
 - ``hk.Embed`` (``embeddings``; both lookup styles, out-of-range ids handled as haiku does).
 
-A layer counts only if it runs haiku's own ``__call__`` (a subclass that overrides it, or
-``hk.Embed.embeddings``, is not recognised). Biases, ``hk.LayerNorm``/``hk.RMSNorm`` scales and
-offsets are *vector* weights: the fast path gives them exact per-sample gradients directly, at
-``batch x size`` floats (:func:`vector_role` names them for the report).
+The bias ``b`` of a dense or convolution layer is normed too: a sample's bias gradient is its
+output gradient summed over rows. A layer counts only if it runs haiku's own ``__call__`` (a
+subclass that overrides it, or ``hk.Embed.embeddings``, is not recognised). Other vector
+weights (``hk.LayerNorm``/``hk.RMSNorm`` scales and offsets, a bias whose layer is not normed)
+get exact per-sample gradients directly, at ``batch x size`` floats (:func:`vector_role` names
+them for the report).
 
 Example:
     >>> import haiku as hk, jax.numpy as jnp
@@ -43,11 +45,13 @@ __all__ = [
     "LayerCall",
     "WeightFactors",
     "capture",
+    "is_bias",
     "layer_kind",
     "layer_method",
     "unsupported_reason",
     "vector_role",
     "weight_of",
+    "weights_of",
 ]
 
 _KINDS: tuple[tuple[type[hk.Module], str, str], ...] = (
@@ -70,7 +74,7 @@ class LayerCall:
     Attributes:
         module: the haiku module path (``"mlp/~/linear_0"``).
         kind: ``"linear"``, ``"conv"`` or ``"embed"``.
-        weight: the weight it norms, ``"module:param"``.
+        weights: the trainable weights of the layer, ``"module:param"`` (kernel, bias).
         config: kind-specific static settings (the convolution's geometry).
         in_shape: one sample's captured input shape (the batch of one included).
         out_shape, out_dtype: one sample's output shape and dtype (the tap's).
@@ -78,7 +82,7 @@ class LayerCall:
 
     module: str
     kind: str
-    weight: str
+    weights: tuple[str, ...]
     config: tuple[Any, ...]
     in_shape: tuple[int, ...]
     out_shape: tuple[int, ...]
@@ -96,8 +100,22 @@ def layer_kind(module: object) -> str | None:
 
 
 def weight_of(kind: str) -> str:
-    """The param name a kind norms (``"w"`` or ``"embeddings"``)."""
+    """The kernel param name of a kind (``"w"`` or ``"embeddings"``)."""
     return {kind_: param for _, kind_, param in _KINDS}[kind]
+
+
+def weights_of(kind: str, module: Any) -> tuple[str, ...]:
+    """The full names (``"module:param"``) of the weights a call of ``module`` can norm: its
+    kernel, and its bias for a dense or convolution layer that has one."""
+    params = [weight_of(kind)]
+    if kind != "embed" and module.with_bias:
+        params.append("b")
+    return tuple(f"{module.module_name}:{p}" for p in params)
+
+
+def is_bias(call: LayerCall, weight: str) -> bool:
+    """Whether ``weight`` is the call's bias (its kernel otherwise)."""
+    return weight != f"{call.module}:{weight_of(call.kind)}"
 
 
 def vector_role(module: object, param: str) -> str | None:
@@ -210,13 +228,22 @@ def _conv_grad_rows(call: LayerCall, g: jax.Array) -> jax.Array:
     return g.reshape(n, -1, g.shape[-1])
 
 
-def _rows(call: LayerCall, act: jax.Array, grad: jax.Array) -> tuple[jax.Array, jax.Array]:
+def _rows(
+    call: LayerCall, act: jax.Array, grad: jax.Array, want_inputs: bool = True
+) -> tuple[jax.Array, jax.Array]:
+    """A call's kept input and output gradient as rows: ``(n, T, d)`` and ``(n, T, p)``
+    (an embedding's input rows are ``(n, T)`` table rows). ``want_inputs=False`` skips the
+    input's rows (returned as ``act`` unchanged)."""
     n = act.shape[0]
     if call.kind == "conv":
-        return _conv_rows(call, act), _conv_grad_rows(call, grad)
+        rows = _conv_rows(call, act) if want_inputs else act
+        return rows, _conv_grad_rows(call, grad)
+    out = grad.reshape(n, -1, grad.shape[-1])
+    if not want_inputs:
+        return act, out
     if call.kind == "embed":
-        return act.reshape(n, -1), grad.reshape(n, -1, grad.shape[-1])
-    return act.reshape(n, -1, act.shape[-1]), grad.reshape(n, -1, grad.shape[-1])
+        return act.reshape(n, -1), out
+    return act.reshape(n, -1, act.shape[-1]), out
 
 
 def _row_dims(calls: Sequence[LayerCall]) -> tuple[int, int, int]:
@@ -258,18 +285,34 @@ class WeightFactors:
     the norm is that of the sum, exactly, and so is the clipped sum.
 
     Args:
-        calls: the calls of one weight, all of the same kind.
+        weight: the weight, ``"module:param"``: a kernel, or a bias (which needs only ``grads``).
+        calls: the calls of that weight's layer, all of the same kind.
         acts: what :func:`capture` kept, one per call, with a leading sample axis.
         grads: the gradients of the calls' outputs, one per call, leading sample axis.
     """
 
     def __init__(
-        self, calls: Sequence[LayerCall], acts: Sequence[jax.Array], grads: Sequence[jax.Array]
+        self,
+        weight: str,
+        calls: Sequence[LayerCall],
+        acts: Sequence[jax.Array],
+        grads: Sequence[jax.Array],
     ) -> None:
         self.calls = tuple(calls)
         self.kind = calls[0].kind
+        self.bias = is_bias(calls[0], weight)
         self.acts = tuple(acts)
         self.grads = tuple(grads)
+
+    def _bias_grads(self) -> jax.Array:
+        """Each sample's bias gradient ``(n, p)``: output gradients summed over rows, calls."""
+        total = None
+        for call, act, grad in zip(self.calls, self.acts, self.grads, strict=True):
+            _, rows = _rows(call, act, grad, want_inputs=False)
+            part = jnp.sum(rows.astype(jnp.promote_types(rows.dtype, jnp.float32)), axis=1)
+            total = part if total is None else total + part
+        assert total is not None
+        return total
 
     def _sq_norms(self, acts: Sequence[jax.Array], grads: Sequence[jax.Array]) -> jax.Array:
         pairs = [_rows(c, a, g) for c, a, g in zip(self.calls, acts, grads, strict=True)]
@@ -283,6 +326,8 @@ class WeightFactors:
         """Each sample's squared gradient norm for this weight, shape ``(n,)``; computed a
         chunk of samples at a time when the whole batch at once would take more memory than
         the step already holds for this weight (see :func:`_chunk`)."""
+        if self.bias:
+            return jnp.sum(jnp.square(self._bias_grads()), axis=1)
         n = self.acts[0].shape[0]
         chunk = _chunk(self.calls, n)
         if chunk >= n:
@@ -298,6 +343,9 @@ class WeightFactors:
         """``sum_i c_i * g_i`` for this weight, shaped and typed like the weight ``like``: one
         contraction per call, the same work as a plain backward pass's weight gradient (a
         convolution's is the layer's own kernel gradient, so no patch rows are built)."""
+        if self.bias:
+            total = jnp.einsum("n,np->p", c.astype(jnp.float32), self._bias_grads())
+            return total.reshape(like.shape).astype(like.dtype)
         total = jnp.zeros(like.shape, jnp.promote_types(like.dtype, jnp.float32))
         for call, act, grad in zip(self.calls, self.acts, self.grads, strict=True):
             n = act.shape[0]
@@ -333,9 +381,11 @@ def _conv_kernel_grad(call: LayerCall, x: jax.Array, g: jax.Array, w: jax.Array)
     return grad
 
 
-def layer_method(calls: Sequence[LayerCall]) -> str:
+def layer_method(weight: str, calls: Sequence[LayerCall]) -> str:
     """How :class:`WeightFactors` norms a weight's calls, for reports (``"linear: gram"``)."""
+    multiple = f", {len(calls)} calls" if len(calls) > 1 else ""
+    if is_bias(calls[0], weight):
+        return f"{calls[0].kind}: bias{multiple}"
     rows, d_in, d_out = _row_dims(calls)
     method = "ids" if calls[0].kind == "embed" else outer_method(rows, d_in, d_out)
-    multiple = f", {len(calls)} calls" if len(calls) > 1 else ""
     return f"{calls[0].kind}: {method}{multiple}"

@@ -8,8 +8,9 @@ decides, per trainable weight:
   other jax transformations, where the layer's input cannot be kept), and not changed by a
   custom getter. Its per-sample norm then comes from the calls' inputs and output gradients.
 - *per-sample*: everything else. Its exact per-sample gradient is computed directly (one copy
-  of the weight per sample, ``batch x size`` floats). For biases and norm scales this is the
-  plan; for anything else it is a *fallback*, and the plan says why.
+  of the weight per sample, ``batch x size`` floats). For vector weights (norm scales and
+  offsets, the bias of a layer that is not normed) this is the plan; for anything else it is a
+  *fallback*, and the plan says why.
 
 How "fetched only inside its calls" is proven rather than assumed: while tracing, a weight is
 handed out as one value inside its layer's calls and as a second, separate value anywhere
@@ -43,7 +44,7 @@ from hkstore.model._ghost_layers import (
     layer_method,
     unsupported_reason,
     vector_role,
-    weight_of,
+    weights_of,
 )
 
 __all__ = ["ClippingReport", "Plan", "live_inputs", "plan_clipping", "trace_state"]
@@ -93,7 +94,8 @@ class ClippingReport:
         path: ``"fast"`` or ``"per-sample"``.
         requested: the switch in force: ``"auto"``, ``"fast"`` or ``"per-sample"``.
         methods: ``{weight: how its per-sample norm was found}``, model order; e.g.
-            ``"linear: rank1"``, ``"conv: direct"``, ``"embed: ids"``, ``"per-sample (bias)"``.
+            ``"linear: rank1"``, ``"conv: direct"``, ``"linear: bias"``, ``"embed: ids"``,
+            ``"per-sample (layer-norm)"``, ``"per-sample: <why>"``.
         fallbacks: ``{weight: why}`` for the weights the fast path could not norm from their
             layer (empty when every weight is a normed layer's or a vector weight).
     """
@@ -124,9 +126,9 @@ class _Recorder:
         self.trainable = set(trainable)
         self.inside_values: dict[str, Any] = {}
         self.entry: object = None
-        self.stack: list[tuple[Any, str, int]] = []  # (module, weight, call index)
+        self.stack: list[tuple[Any, tuple[str, ...], int]] = []  # (module, weights, call index)
         self.calls: list[LayerCall] = []
-        self.fetched: set[int] = set()  # call indices whose weight was fetched inside
+        self.fetched: set[tuple[int, str]] = set()  # (call index, weight) fetched inside it
         self.changed: set[str] = set()  # weights a custom getter changed
         self.reasons: dict[str, str] = {}
         self.owner: dict[str, str] = {}  # weight -> its module's type, or role
@@ -135,24 +137,26 @@ class _Recorder:
         kind = layer_kind(ctx.module) if ctx.method_name == "__call__" else None
         if kind is None:
             return next_f(*args, **kwargs)
-        name = f"{ctx.module.module_name}:{weight_of(kind)}"
-        if name not in self.trainable:  # a frozen layer: nothing to norm
+        weights = tuple(w for w in weights_of(kind, ctx.module) if w in self.trainable)
+        if not weights:  # a frozen layer: nothing to norm
             return next_f(*args, **kwargs)
         layer = type(ctx.module).__name__
+        why: str | None = None
         if trace_state() != self.entry:
-            self.reasons[name] = (
+            why = (
                 f"hk.{layer} called inside a jax transformation (hk.scan/dynamic_unroll, "
                 "hk.remat, hk.vmap, ...) where its input cannot be kept; "
                 "hk.static_unroll keeps it normed"
             )
-            return next_f(*args, **kwargs)
-        why = unsupported_reason(kind, ctx.module)
+        elif (unsupported := unsupported_reason(kind, ctx.module)) is not None:
+            why = f"hk.{unsupported} is not normed"
         if why is not None:
-            self.reasons[name] = f"hk.{why} is not normed"
+            for weight in weights:
+                self.reasons[weight] = why
             return next_f(*args, **kwargs)
         act, config = capture(kind, ctx.module, args, kwargs)
         index = len(self.calls) + len(self.stack)
-        self.stack.append((ctx.module, name, index))
+        self.stack.append((ctx.module, weights, index))
         try:
             out = next_f(*args, **kwargs)
         finally:
@@ -161,7 +165,7 @@ class _Recorder:
             LayerCall(
                 module=ctx.module.module_name,
                 kind=kind,
-                weight=name,
+                weights=weights,
                 config=config,
                 in_shape=tuple(act.shape),
                 out_shape=tuple(out.shape),
@@ -175,13 +179,13 @@ class _Recorder:
         if name not in self.inside_values:
             return next_getter(value)
         top = self.stack[-1] if self.stack else None
-        inside = top is not None and top[0] is ctx.module and top[1] == name
+        inside = top is not None and top[0] is ctx.module and name in top[1]
         handed = self.inside_values[name] if inside else value
         out = next_getter(handed)
         if out is not handed:
             self.changed.add(name)
         if inside and top is not None:
-            self.fetched.add(top[2])
+            self.fetched.add((top[2], name))
         else:
             role = vector_role(ctx.module, ctx.name)
             owner = None if ctx.module is None else type(ctx.module).__name__
@@ -239,7 +243,8 @@ def plan_clipping(
 def _decide(rec: _Recorder, names: Sequence[str], outside_used: dict[str, bool]) -> Plan:
     by_weight: dict[str, list[int]] = {}
     for i, call in enumerate(rec.calls):
-        by_weight.setdefault(call.weight, []).append(i)
+        for weight in call.weights:
+            by_weight.setdefault(weight, []).append(i)
     normed: list[str] = []
     notes: list[tuple[str, str]] = []
     fallbacks: list[tuple[str, str]] = []
@@ -249,15 +254,15 @@ def _decide(rec: _Recorder, names: Sequence[str], outside_used: dict[str, bool])
         if name in rec.changed:
             why = "a custom getter changes its value before the layer uses it"
         elif outside_used[name]:
+            owner = rec.owner.get(name, "")
+            if owner.startswith("vector:"):  # small and exact per sample: not a fallback
+                notes.append((name, f"per-sample ({owner.removeprefix('vector:')})"))
+                continue
             if name in rec.reasons:
                 why = rec.reasons[name]
             elif indices:
                 why = "also used outside its layer's calls"
             else:
-                owner = rec.owner.get(name, "")
-                if owner.startswith("vector:"):
-                    notes.append((name, f"per-sample ({owner.removeprefix('vector:')})"))
-                    continue
                 why = (
                     f"a weight of {owner}, a layer the fast path does not norm"
                     if owner
@@ -265,17 +270,17 @@ def _decide(rec: _Recorder, names: Sequence[str], outside_used: dict[str, bool])
                 )
         elif not indices:
             why = rec.reasons.get(name, "not used by the model")
-        elif any(i not in rec.fetched for i in indices):
+        elif any((i, name) not in rec.fetched for i in indices):
             why = "its layer did not fetch it inside its call"
         if why is None:
             normed.append(name)
-            notes.append((name, layer_method([rec.calls[i] for i in indices])))
+            notes.append((name, layer_method(name, [rec.calls[i] for i in indices])))
         else:
             notes.append((name, f"per-sample: {why}"))
             fallbacks.append((name, why))
     chosen = set(normed)
     return Plan(
-        calls=tuple(c for c in rec.calls if c.weight in chosen),
+        calls=tuple(c for c in rec.calls if chosen.intersection(c.weights)),
         normed=tuple(normed),
         per_sample=tuple(n for n in names if n not in chosen),
         notes=tuple(notes),

@@ -311,9 +311,9 @@ class HaikuModel:
         change.
 
         Clipping runs on one of two paths with the same result (float32 round-off apart):
-        the *fast* path norms the weights of ``hk.Linear``, ``hk.ConvND`` and ``hk.Embed``
-        layers from their inputs and output gradients (no per-sample gradient is built for
-        them) and gives every other weight (biases, norm scales, unsupported layers) exact
+        the *fast* path norms the weights and biases of ``hk.Linear``, ``hk.ConvND`` and
+        ``hk.Embed`` layers from their inputs and output gradients (no per-sample gradient is
+        built for them) and gives every other weight (norm scales, other layers) exact
         per-sample gradients; the *per-sample* path builds every sample's full gradient.
         ``clipping`` (or the ``clipping`` attribute, default ``"auto"``) chooses: ``"auto"``
         takes the fast path when it norms at least one weight, ``"fast"`` and
