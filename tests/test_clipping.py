@@ -222,6 +222,25 @@ def test_fast_path_equals_per_sample_path(case: Case) -> None:
         assert report.methods[weight].startswith("per-sample: ")
 
 
+def bf16_conv(x: jax.Array) -> jax.Array:
+    """A Conv1D and a Linear whose weights are bfloat16 (the data type at initialize)."""
+    h = jax.nn.relu(hk.Conv1D(4, 3, name="c")(x))
+    return hk.Linear(2, name="out")(h.reshape(h.shape[0], -1))
+
+
+def test_bfloat16_weights_agree_within_bfloat16_round_off() -> None:
+    model = HaikuModel(bf16_conv, mse_loss, seed=0)
+    model.initialize({"data_type": "bfloat16", "features_shape": (6, 3)})
+    x = np.random.default_rng(0).normal(size=(8, 6, 3)).astype(jnp.bfloat16)
+    batch = (x, np.zeros((8, 2), jnp.bfloat16), None)
+    for max_norm in (1e-3, 1e3):
+        fast, slow, report = both_paths(model, batch, max_norm)
+        assert rel_error(fast, slow) <= 2e-2  # bfloat16 keeps 8 bits: a few ulps
+    assert report.methods["c:w"] == "conv: direct" and report.path == "fast"
+    grads = model.compute_batch_gradients(batch, max_norm=1.0, clipping="fast")
+    assert {v.dtype for v in grads.coefs.values()} == {jnp.dtype(jnp.bfloat16)}
+
+
 def test_binding_clip_changes_the_gradient_on_the_fast_path() -> None:
     # guards the test above: a bound that binds gives another answer than one that does not
     case = CASES[0]

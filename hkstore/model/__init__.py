@@ -3,7 +3,9 @@
 Map: ``_model`` (:class:`HaikuModel`), ``_state`` (:class:`ModelState` and :class:`RngState`,
 the model-state hook's values), ``_persist`` (a ModelState as archive content and back),
 ``_gradients`` (its jitted steps: init, gradients with optional per-sample clipping,
-predictions), ``_batch`` (batch checks and placement), ``_fit`` (name/shape/dtype checks of
+predictions), the fast clipping path (``_ghost`` its step, ``_ghost_plan`` which weights it
+norms and why, ``_ghost_layers`` the layers it knows, ``_ghost_norms`` the norm arithmetic),
+``_batch`` (batch checks and placement), ``_fit`` (name/shape/dtype checks of
 weights), ``_vector`` (:class:`JaxNumpyVector`), ``_device`` (:class:`DevicePolicy` and
 device selection), ``_data_info`` (``data_info`` validation), ``_dtype_names`` (dtypes by
 name). Importing this package changes no global jax setting.
@@ -28,6 +30,7 @@ from hkstore.model._data_info import validate_data_info as validate_data_info
 from hkstore.model._device import DevicePolicy as DevicePolicy
 from hkstore.model._device import get_device_policy as get_device_policy
 from hkstore.model._device import set_device_policy as set_device_policy
+from hkstore.model._ghost_plan import ClippingReport as ClippingReport
 from hkstore.model._model import HaikuModel as HaikuModel
 from hkstore.model._persist import archive_content as archive_content
 from hkstore.model._persist import read_state as read_state
@@ -38,6 +41,7 @@ from hkstore.model._vector import JaxNumpyVector as JaxNumpyVector
 from hkstore.model._vector import VectorSpec as VectorSpec
 
 __all__ = [
+    "ClippingReport",
     "DevicePolicy",
     "HaikuModel",
     "JaxNumpyVector",

@@ -253,7 +253,8 @@ def _row_dims(calls: Sequence[LayerCall]) -> tuple[int, int, int]:
         act = jax.ShapeDtypeStruct((1, *call.in_shape), jnp.float32)
         grad = jax.ShapeDtypeStruct((1, *call.out_shape), call.out_dtype)
         x, g = jax.eval_shape(lambda a, b, c=call: _rows(c, a, b), act, grad)
-        rows, d_in, d_out = rows + x.shape[1], x.shape[-1], g.shape[-1]
+        d_in = 1 if call.kind == "embed" else x.shape[-1]  # an embedding's row: one id
+        rows, d_out = rows + x.shape[1], g.shape[-1]
     return rows, d_in, d_out
 
 

@@ -36,7 +36,8 @@ __all__ = [
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 #: Above this many rows a sample, embedding norms sort and segment-sum instead of forming the
-#: ``T x T`` equality Gram (measured on CPU: the Gram wins below, the sort above).
+#: ``T x T`` equality Gram. Measured on CPU (64 samples, widths 16 and 128): the Gram is 1.9-3x
+#: faster at 32-64 rows, about even at 128, 4-6x slower at 256.
 _EMBED_GRAM_MAX_ROWS = 64
 
 
