@@ -1,9 +1,12 @@
 """The fast clipping path against the per-sample path: same numbers, the switch, the report.
 
-Tolerance: per tensor, max |fast - per-sample| <= 2e-6 * max |per-sample| (float32; measured
-at most 3e-7 on every model below), with ``max_norm`` binding (1e-6: every sample clipped, so
-every norm counts) and not (1e6: none clipped), sample weights on. The per-sample path is
-itself checked against a hand computation and optax in ``test_model.py``.
+Tolerance: per tensor, max |fast - per-sample| <= 1e-5 * max |per-sample| (float32), with
+``max_norm`` binding (1e-6: every sample clipped, so every norm counts) and not (1e6: none
+clipped), sample weights on. Measured on the models below: at most 3.5e-7 for dense and
+convolution kernels and biases (rank-1, Gram and direct norms alike), 1.3e-6 for embedding
+tables (an 80-id lookup into 5 rows sums about 16 gradients into each: longer float32 sums),
+2.2e-7 for weights that fall back. The per-sample path is itself checked against a hand
+computation and optax in ``test_model.py``.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from hkstore.model._batch import place_batch
 from hkstore.model._ghost_layers import LayerCall, _chunk
 from hkstore.model._ghost_norms import embedding_sq_norms, outer_sq_norms
 
-REL = 2e-6
+REL = 1e-5
 
 
 @pytest.fixture(autouse=True)
