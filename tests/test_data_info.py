@@ -42,6 +42,29 @@ def test_validate_names_every_missing_field() -> None:
     assert "'data_type', 'features_shape'" in str(info.value)
 
 
+@pytest.mark.parametrize(
+    ("given", "canonical"),
+    [
+        ("int", np.dtype(int).name),  # numpy's default integer on this machine
+        ("float", "float64"),
+        ("double", "float64"),
+        ("i8", "int64"),
+        ("<f4", "float32"),
+        (">f4", "float32"),  # byte order is not part of a data type
+        ("f2", "float16"),
+        ("bfloat16", "bfloat16"),
+        (np.float32, "float32"),
+        (np.dtype("uint8"), "uint8"),
+    ],
+)
+def test_validate_normalises_any_numeric_dtype_name_numpy_parses(
+    given: Any, canonical: str
+) -> None:
+    """declearn passes ``data_type="int"`` (any name numpy parses); hkstore keeps its meaning."""
+    info = validate_data_info({"data_type": given, "features_shape": (3,)})
+    assert info["data_type"] == canonical
+
+
 def test_validate_refuses_none_dimensions_with_a_clear_message() -> None:
     with pytest.raises(DataInfoError, match=r"\(None, 3\) has None \(unknown\) dimensions"):
         validate_data_info({"data_type": "float32", "features_shape": (None, 3)})
@@ -50,9 +73,15 @@ def test_validate_refuses_none_dimensions_with_a_clear_message() -> None:
 @pytest.mark.parametrize(
     ("field", "value", "message"),
     [
-        ("data_type", "float", "not the name of a numeric dtype"),
-        ("data_type", "object", "not the name of a numeric dtype"),
-        ("data_type", 3, "a dtype name"),
+        ("data_type", "object", "not a numeric dtype"),
+        ("data_type", "U10", "not a numeric dtype"),
+        ("data_type", "V2", "not a numeric dtype"),
+        ("data_type", "f4,i4", "not a numeric dtype"),
+        ("data_type", "datetime64", "not a numeric dtype"),
+        ("data_type", "complex128", "cannot be stored exactly"),
+        ("data_type", "longdouble", "cannot be stored exactly"),
+        ("data_type", "nonsense", "not a dtype numpy knows"),
+        ("data_type", 3, "a dtype or dtype name"),
         ("features_shape", (0, 3), "bad: 0"),
         ("features_shape", (-2,), "bad: -2"),
         ("features_shape", (True, 2), "bad: True"),

@@ -72,12 +72,28 @@ def test_default_policy_prefers_gpu() -> None:
             assert select_device() == DEV0
         with pytest.warns(RuntimeWarning, match="GPU"):
             model = HaikuModel(mlp_model, xent_loss, seed=0)
-        assert model.device_policy == DevicePolicy(gpu=True, idx=None)
+        # declearn's meaning: the device in use (cpu:0), not the policy asked for
+        assert model.device_policy == DevicePolicy(gpu=False, idx=0)
+        model.update_device_policy(model.device_policy)  # no warning: it names cpu:0 itself
+        assert on(DEV0, model._rng)
 
 
 def test_index_past_the_last_device_falls_back_to_device_0_with_a_warning() -> None:
     with pytest.warns(RuntimeWarning, match="device 7 but there are only 2"):
         assert select_device(DevicePolicy(gpu=False, idx=7)) == DEV0
+    set_device_policy(gpu=False, idx=7)
+    with pytest.warns(RuntimeWarning, match="device 7"):
+        model = HaikuModel(mlp_model, xent_loss, seed=0)
+    assert model.device_policy == DevicePolicy(gpu=False, idx=0)  # where it really lives
+
+
+@pytest.mark.parametrize("idx", [None, 0, 1])
+def test_device_policy_reports_the_device_in_use(idx: int | None) -> None:
+    set_device_policy(gpu=False, idx=idx)
+    model = HaikuModel(mlp_model, xent_loss, seed=0)
+    expected = DevicePolicy(gpu=False, idx=idx or 0)
+    assert model.device_policy == expected  # idx=None is reported as the index it chose
+    assert select_device(model.device_policy) == (DEV1 if idx == 1 else DEV0)
 
 
 def test_select_device_refuses_other_objects() -> None:

@@ -14,6 +14,7 @@ import sys
 from collections.abc import Iterator
 from typing import Any
 
+import haiku as hk
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -395,6 +396,31 @@ def test_initialize_again_with_other_data_info_is_refused_same_is_a_no_op() -> N
     with pytest.raises(DataInfoError, match=r"'features_shape': \(5,\) before, \(6,\) now"):
         model.initialize({"data_type": "float32", "features_shape": (6,)})
     assert model.get_weights() == before
+
+
+def embed_model(x: jax.Array) -> jax.Array:
+    return hk.Linear(1, name="head")(hk.Embed(10, 3, name="embed")(x).mean(axis=1))
+
+
+def test_initialize_takes_any_dtype_name_numpy_parses_and_records_the_canonical_one() -> None:
+    """declearn's tests pass ``data_type="int"``; any name numpy parses means its dtype."""
+    spelled = HaikuModel(mlp_model, xent_loss, seed=0)
+    spelled.initialize({"data_type": "<f4", "features_shape": (5,)})
+    assert spelled.data_info == MLP_INFO
+    canonical = HaikuModel(mlp_model, xent_loss, seed=0)
+    canonical.initialize(MLP_INFO)
+    assert spelled.get_weights() == canonical.get_weights()
+    spelled.initialize({"data_type": np.float32, "features_shape": [5]})  # same dtype: no-op
+    tokens = HaikuModel(embed_model, mse_loss, seed=0)
+    tokens.initialize({"data_type": "int", "features_shape": (4,)})
+    assert tokens.data_info["data_type"] == np.dtype(int).name
+    x = np.array([[1, 2, 3, 9]] * 2)
+    grads = tokens.compute_batch_gradients((x, np.zeros((2, 1), np.float32), None))
+    assert set(grads.coefs) == {"embed:embeddings", "head:b", "head:w"}
+    with pytest.raises(DataInfoError, match="'object' is 'object', not a numeric dtype"):
+        HaikuModel(mlp_model, xent_loss, seed=0).initialize(
+            {"data_type": "object", "features_shape": (5,)}
+        )
 
 
 def test_initialize_with_none_dimension_gives_a_clear_error() -> None:

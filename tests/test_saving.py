@@ -10,6 +10,7 @@ store-level versions of the same attacks (``open_archive(...).verify()``) are in
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import itertools
 import os
@@ -355,8 +356,37 @@ def test_from_config_takes_explicit_keywords_only() -> None:
     config = HaikuModel(mlp_model, xent_loss, seed=3).get_config()
     with pytest.raises(TypeError, match="unexpected keyword argument 'trsut'"):
         HaikuModel.from_config(config, trsut=TOYS)  # type: ignore[call-arg]
+    with pytest.raises(TypeError, match="allow_bin must be a bool, got Trust"):
+        HaikuModel.from_config(config, TOYS)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="positional"):
-        HaikuModel.from_config(config, TOYS)  # type: ignore[misc]
+        HaikuModel.from_config(config, False, TOYS)  # type: ignore[misc]
+
+
+def test_allow_bin_carries_the_pickle_blob_as_bytes_and_changes_nothing_else() -> None:
+    """declearn's ``allow_bin``: binary content as bytes (msgpack); trust is unchanged."""
+    signer = HmacKey.generate()
+    model = HaikuModel(lambda x: hk.Linear(2, name="lin")(x), xent_loss, seed=3)
+    model.initialize({"data_type": "float32", "features_shape": [4]})
+    text = model.get_config(functions="pickle", signer=signer)
+    binary = model.get_config(True, functions="pickle", signer=signer)
+    assert isinstance(text["pickle"]["blob"], str)
+    assert binary["pickle"]["blob"] == base64.b64decode(text["pickle"]["blob"])
+    assert {k: v for k, v in binary.items() if k != "pickle"} == {
+        k: v for k, v in text.items() if k != "pickle"
+    }
+    # the binary form still needs the same trust, and its signature still verifies
+    with pytest.raises(RefusedCodeError, match="config: the functions are pickled"):
+        HaikuModel.from_config(binary, allow_bin=True)
+    trusted = Trust(allow_pickle=True, keys=[signer])
+    assert_same_model(HaikuModel.from_config(binary, allow_bin=True, trust=trusted), model)
+    assert_same_model(HaikuModel.from_config(text, allow_bin=True, trust=trusted), model)
+    with pytest.raises(ConfigError, match=r"\$\.pickle\.blob"):  # bytes need allow_bin=True
+        HaikuModel.from_config(binary, trust=trusted)
+    # a reference config has no binary content: both forms are the same document
+    plain = HaikuModel(mlp_model, xent_loss, seed=3)
+    assert plain.get_config(allow_bin=True) == plain.get_config(allow_bin=False)
+    with pytest.raises(TypeError, match="allow_bin must be a bool"):
+        plain.get_config("yes")  # type: ignore[arg-type]
 
 
 def test_config_errors_name_the_config_and_the_field() -> None:

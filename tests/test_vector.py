@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import base64
+import dataclasses
+import json
 import operator
 
 import jax
 import jax.numpy as jnp
 import ml_dtypes
+import msgpack
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -130,6 +134,9 @@ def test_vector_flatten_unflatten_roundtrip(pair: tuple) -> None:
     v = JaxNumpyVector(pair[0])
     values, spec = v.flatten()
     assert isinstance(spec, VectorSpec)
+    assert spec.names == list(pair[0])  # declearn's spec shape: a list, and dicts by name
+    assert spec.shapes == {k: a.shape for k, a in pair[0].items()}
+    assert spec.dtypes == dict.fromkeys(pair[0], "float32")
     assert all(isinstance(x, float) for x in values)
     assert len(values) == sum(a.size for a in pair[0].values())
     assert JaxNumpyVector.unflatten(values, spec) == v
@@ -212,16 +219,26 @@ def test_vector_pack_unpack_roundtrip_by_dtype_name(dtype: str) -> None:
     packed = v.pack()
     assert packed["a:w"]["dtype"] == dtype
     assert packed["a:w"]["shape"] == [2, 3]
-    assert isinstance(packed["a:w"]["data"], bytes)
-    back = JaxNumpyVector.unpack(packed)
-    assert back == v
-    assert back.dtypes() == {"a:w": dtype, "a:b": dtype}
+    assert base64.b64decode(packed["a:w"]["data"]) == np.ascontiguousarray(host).tobytes()
+    # plain JSON and plain msgpack carry it as it is (declearn's hooks add nothing to it)
+    for carried in (json.loads(json.dumps(packed)), msgpack.unpackb(msgpack.packb(packed))):
+        back = JaxNumpyVector.unpack(carried)
+        assert back == v
+        assert back.dtypes() == {"a:w": dtype, "a:b": dtype}
+
+
+def test_vector_unpack_reads_raw_bytes_too() -> None:
+    v = vec(a__w=[1.0, -2.0])
+    packed = v.pack()
+    raw = {k: {**item, "data": base64.b64decode(item["data"])} for k, item in packed.items()}
+    assert v.pack(binary=True) == raw
+    assert JaxNumpyVector.unpack(raw) == v
 
 
 def test_vector_pack_bfloat16_keeps_exact_bits() -> None:
     values = np.array([1.5, -0.0078125, 3.0e38], dtype=ml_dtypes.bfloat16)
     packed = JaxNumpyVector({"x:w": jnp.asarray(values)}).pack()
-    assert packed["x:w"]["data"] == values.tobytes()
+    assert base64.b64decode(packed["x:w"]["data"]) == values.tobytes()
     assert packed["x:w"]["dtype"] == "bfloat16"
 
 
@@ -231,6 +248,9 @@ def test_vector_pack_bfloat16_keeps_exact_bits() -> None:
         (lambda p: p["a:w"].update(dtype="object"), TypeError),
         (lambda p: p["a:w"].update(dtype="<f4"), TypeError),
         (lambda p: p["a:w"].update(data=b"\0" * 3), ValueError),
+        (lambda p: p["a:w"].update(data="AAA"), ValueError),  # not padded base64
+        (lambda p: p["a:w"].update(data="AA!A"), ValueError),
+        (lambda p: p["a:w"].update(data=3), TypeError),
         (lambda p: p["a:w"].update(shape=[2, -1]), TypeError),
         (lambda p: p["a:w"].pop("shape"), TypeError),
     ],
@@ -257,8 +277,56 @@ def test_vector_flatten_keeps_bfloat16_and_int_dtypes() -> None:
     )
     values, spec = v.flatten()
     assert values == [0.5, 1.5, 3.0, -4.0]
-    assert spec.dtypes == ("bfloat16", "int32")
+    assert spec == VectorSpec(
+        names=["a:w", "a:b"],
+        shapes={"a:w": (2,), "a:b": (1, 2)},
+        dtypes={"a:w": "bfloat16", "a:b": "int32"},
+    )
     assert JaxNumpyVector.unflatten(values, spec) == v
+
+
+def test_vector_unflatten_reads_any_spec_of_that_shape_and_names_what_it_lacks() -> None:
+    @dataclasses.dataclass
+    class OtherSpec:  # declearn's VectorSpec has these attributes (and more)
+        names: list[str]
+        shapes: dict[str, list[int]]
+        dtypes: dict[str, str]
+        v_type: tuple[str, str] = ("other", "Vector")
+
+    shapes, dtypes = {"a:w": [2]}, {"a:w": "float32", "a:b": "float32"}
+    assert JaxNumpyVector.unflatten([1.0, 2.0], OtherSpec(["a:w"], shapes, dtypes)) == (
+        vec(a__w=np.array([1.0, 2.0], np.float32))
+    )
+    with pytest.raises(WeightsMismatchError, match=r"'a:b' \(no shape\)"):
+        JaxNumpyVector.unflatten([1.0, 2.0, 3.0], OtherSpec(["a:w", "a:b"], shapes, dtypes))
+    with pytest.raises(TypeError, match="names"):
+        JaxNumpyVector.unflatten([1.0], object())
+
+
+def test_vector_repr_shows_names_dtypes_and_tuple_shapes() -> None:
+    v = JaxNumpyVector({"a:w": jnp.zeros((4, 2)), "a:b": jnp.zeros((7,), jnp.bfloat16)})
+    assert repr(v) == "JaxNumpyVector({'a:w': float32 (4, 2), 'a:b': bfloat16 (7,)})"
+
+
+class _Tagged(JaxNumpyVector):
+    """A subclass taking plain dicts of arrays as operands (as a framework's vector would)."""
+
+    def _operand(self, other: object) -> object:
+        return JaxNumpyVector(other) if isinstance(other, dict) else other
+
+
+def test_vector_results_keep_the_left_operands_class_and_the_operand_hook_applies() -> None:
+    t = _Tagged({"a:w": jnp.array([1.0, 4.0])})
+    plain = vec(a__w=[2.0, 2.0])
+    for result in (t + plain, t - 1.0, 2.0 * t, -t, abs(t), t.sign(), t.sum(), t.minimum(plain)):
+        assert type(result) is _Tagged
+    assert type(plain + t) is JaxNumpyVector  # the left operand decides
+    assert t - {"a:w": np.array([1.0, 1.0], np.float32)} == _Tagged({"a:w": jnp.array([0.0, 3.0])})
+    # a foreign operand on the left: the reflected operation takes it through the hook too
+    assert {"a:w": np.array([5.0, 5.0], np.float32)} - t == _Tagged({"a:w": jnp.array([4.0, 1.0])})
+    with pytest.raises(WeightsMismatchError, match="names differ"):
+        _ = {"b:w": np.array([5.0], np.float32)} - t
+    assert _Tagged.unpack(t.pack()) == t and type(_Tagged.unpack(t.pack())) is _Tagged
 
 
 def test_vector_shapes_and_dtypes() -> None:
@@ -283,3 +351,12 @@ def test_vector_ops_move_the_right_operand_to_the_left_device() -> None:
 def test_errors_are_part_of_the_family() -> None:
     with pytest.raises(HkstoreError):
         vec(a__w=[1.0]) - vec(b__w=[1.0])
+
+
+def test_vector_unpack_places_arrays_on_jaxs_default_device() -> None:
+    """declearn puts unpacked arrays on its policy's device; hkstore leaves them on jax's
+    default device (a model moves what it is given to its own device)."""
+    v = JaxNumpyVector({"a:w": jax.device_put(jnp.ones(2), jax.devices()[1])})
+    back = JaxNumpyVector.unpack(v.pack())
+    assert devices_of(back) == {jax.devices()[0]}
+    assert back == v

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from hkstore.errors import DataInfoError
-from hkstore.model._dtype_names import dtype_from_name
+from hkstore.model._dtype_names import canonical_dtype_name
 
 __all__ = ["REQUIRED_FIELDS", "aggregate_data_info", "validate_data_info"]
 
@@ -18,11 +18,9 @@ REQUIRED_FIELDS: frozenset[str] = frozenset({"data_type", "features_shape"})
 
 
 def _check_data_type(value: Any) -> str:
-    if isinstance(value, np.dtype):
-        value = value.name
     try:
-        return dtype_from_name(value, where="data_info['data_type']").name
-    except TypeError as exc:
+        return canonical_dtype_name(value, where="data_info['data_type']")
+    except TypeError as exc:  # UnsupportedDtypeError included
         raise DataInfoError(str(exc)) from None
 
 
@@ -82,10 +80,12 @@ def validate_data_info(
 ) -> dict[str, Any]:
     """Check a ``data_info`` dict and return it normalized.
 
-    Known fields are checked and normalized: ``data_type`` (canonical numpy dtype name, e.g.
-    ``"float32"`` or ``"bfloat16"``), ``features_shape`` (tuple of positive ints; ``None``
-    dimensions are refused), ``n_samples`` (int >= 0) and ``classes`` (sorted list of distinct
-    labels). Other fields are passed through unchanged.
+    Known fields are checked and normalized: ``data_type`` (any numeric dtype or dtype name
+    numpy parses -- ``"int"``, ``"<f4"``, ``"double"``, ``np.float32`` -- that the archive
+    format can store, turned into its canonical name such as ``"float32"`` or
+    ``"bfloat16"``), ``features_shape`` (tuple of positive ints; ``None`` dimensions are
+    refused), ``n_samples`` (int >= 0) and ``classes`` (sorted list of distinct labels). Other
+    fields are passed through unchanged.
 
     Args:
         data_info: the dict to check.
@@ -101,6 +101,8 @@ def validate_data_info(
     Example:
         >>> validate_data_info({"data_type": "float32", "features_shape": [28, 28]})
         {'data_type': 'float32', 'features_shape': (28, 28)}
+        >>> validate_data_info({"data_type": "<f8", "features_shape": [3]})["data_type"]
+        'float64'
     """
     if not isinstance(data_info, Mapping):
         raise DataInfoError(f"data_info must be a dict, got {type(data_info).__name__}")

@@ -13,6 +13,7 @@ import numpy as np
 __all__ = [
     "DevicePolicy",
     "get_device_policy",
+    "policy_of",
     "put_on",
     "select_device",
     "set_device_policy",
@@ -119,6 +120,19 @@ def select_device(policy: DevicePolicy | None = None) -> jax.Device:
         )
         idx = 0
     return devices[idx]
+
+
+def policy_of(device: jax.Device) -> DevicePolicy:
+    """Return the policy that selects ``device``: its kind and its index among that kind.
+
+    Example:
+        >>> policy_of(jax.devices("cpu")[0])
+        DevicePolicy(gpu=False, idx=0)
+    """
+    gpu = device.platform == "gpu"
+    same_kind = _devices_of(device.platform) or [device]
+    idx = same_kind.index(device) if device in same_kind else 0
+    return DevicePolicy(gpu=gpu, idx=idx)
 
 
 def put_on(tree: T, device: jax.Device) -> T:

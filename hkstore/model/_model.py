@@ -27,6 +27,7 @@ from hkstore.model._data_info import REQUIRED_FIELDS, validate_data_info
 from hkstore.model._device import (
     DevicePolicy,
     get_device_policy,
+    policy_of,
     put_on,
     select_device,
 )
@@ -50,6 +51,8 @@ from hkstore.store import (
     Signer,
     Trust,
     build_config,
+    config_with_binary_blob,
+    config_with_text_blob,
     describe_functions,
     json_safe,
     parse_config,
@@ -111,8 +114,7 @@ class HaikuModel:
         self._model_fn = model
         self._loss_fn = loss
         self._seed = _check_seed(seed)
-        self._policy = get_device_policy()
-        self._device = select_device(self._policy)
+        self._device = select_device(get_device_policy())
         self._rng: jax.Array = jax.device_put(jax.random.key(self._seed), self._device)
         self._params: Params | None = None
         self._names: list[str] = []  # model order: haiku's sorted order
@@ -129,8 +131,17 @@ class HaikuModel:
 
     @property
     def device_policy(self) -> DevicePolicy:
-        """The device policy this model enforces."""
-        return self._policy
+        """The device this model uses, as a policy (declearn's meaning).
+
+        ``gpu`` says whether it is a GPU, ``idx`` its index among the devices of its kind, so
+        ``DevicePolicy(gpu=False, idx=0)`` on ``cpu:0`` even when a GPU was asked for and
+        none was found; passing it to :meth:`update_device_policy` keeps the model where it is.
+
+        Example:
+            >>> model.device_policy  # doctest: +SKIP
+            DevicePolicy(gpu=False, idx=0)
+        """
+        return policy_of(self._device)
 
     @property
     def required_data_info(self) -> set[str]:
@@ -410,7 +421,7 @@ class HaikuModel:
         if self._params is not None:
             self._params = jax.device_put(self._params, device)
         self._rng = jax.device_put(self._rng, device)
-        self._policy, self._device = policy, device
+        self._device = device
 
     # --- random state ------------------------------------------------------------------
 
@@ -541,7 +552,11 @@ class HaikuModel:
     # --- configs --------------------------------------------------------------------------
 
     def get_config(
-        self, *, functions: FunctionKind = "reference", signer: Signer | None = None
+        self,
+        allow_bin: bool = False,
+        *,
+        functions: FunctionKind = "reference",
+        signer: Signer | None = None,
     ) -> dict[str, Any]:
         """Return the model's config: a JSON-safe dict with no weights (as in declearn).
 
@@ -551,22 +566,30 @@ class HaikuModel:
         Format: ``schemas/config.v1.json``.
 
         Args:
+            allow_bin: declearn's meaning: binary content may be given as ``bytes`` rather
+                than text. Here that is the pickled-functions blob (present only with
+                ``functions="pickle"``), given as raw bytes instead of base64 -- the form a
+                binary transport (msgpack) carries without the 4/3 overhead. It changes
+                nothing else: what the config carries is chosen by ``functions``, and what a
+                receiver runs by its ``trust``.
             functions: ``"reference"`` (default), ``"pickle"`` (opt-in) or ``"none"``.
             signer: an :class:`~hkstore.Ed25519Signer` or :class:`~hkstore.HmacKey`.
 
         Raises:
             NotImportableError: ``functions="reference"`` and a function is not importable.
+            TypeError: ``allow_bin`` is not a bool.
 
         Example:
             >>> config = model.get_config()  # doctest: +SKIP
             >>> config["functions"]["model"]["ref"]  # doctest: +SKIP
             'mypkg.nets:forward'
         """
+        _check_allow_bin(allow_bin, "get_config")
         state = self.export_state()
         specs, blob, raw_size = describe_functions(
             {"model": state.model, "loss": state.loss}, functions
         )
-        return build_config(
+        config = build_config(
             seed=self._seed,
             data_info=None if state.data_info is None
             else json_safe(state.data_info, where="data_info"),
@@ -578,11 +601,13 @@ class HaikuModel:
             rng=None if state.rng is None else state.rng.to_dict(),
             signer=signer,
         )
+        return config_with_binary_blob(config) if allow_bin else config
 
     @classmethod
     def from_config(
         cls,
         config: Mapping[str, Any],
+        allow_bin: bool = False,
         *,
         trust: Trust | None = None,
         model: Callable[..., Any] | None = None,
@@ -598,18 +623,23 @@ class HaikuModel:
 
         Args:
             config: the config document.
+            allow_bin: accept the binary form (:meth:`get_config` with ``allow_bin=True``:
+                the pickle blob as bytes) as well as the text form. Trust is unaffected.
             trust: what the config may make this process import or unpickle.
             model: the model function (overrides the config's).
             loss: the loss function (overrides the config's).
 
         Raises:
-            ConfigError: the config is malformed (naming the field).
+            TypeError: ``allow_bin`` is not a bool (``trust`` and the functions are keywords).
+            ConfigError: the config is malformed (naming the field); a blob given as bytes
+                without ``allow_bin=True``.
             UnsupportedVersionError: a newer config version.
             RefusedCodeError, SignatureError, UntrustedKeyError, DigestMismatchError,
             RuntimeMismatchError: as for :func:`hkstore.load`.
         """
+        _check_allow_bin(allow_bin, "from_config")
         trust = Trust() if trust is None else trust
-        document = parse_config(config)
+        document = parse_config(config_with_text_blob(config) if allow_bin else config)
         document.check_signature(trust)  # always: a bad or untrusted signature fails
         given = {"model": model, "loss": loss}
         missing = [role for role in ROLES if given[role] is None]
@@ -624,6 +654,14 @@ class HaikuModel:
         if document.rng is not None:
             new.rng_state = RngState(document.rng.impl, document.rng.key_data)
         return new
+
+
+def _check_allow_bin(allow_bin: object, where: str) -> None:
+    if not isinstance(allow_bin, bool):
+        raise TypeError(
+            f"{where}: allow_bin must be a bool, got {type(allow_bin).__name__} (trust, "
+            "model, loss, functions and signer are keyword arguments)"
+        )
 
 
 def require_functions(

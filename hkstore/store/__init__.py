@@ -47,6 +47,8 @@ if TYPE_CHECKING:
     from hkstore.store._config import ConfigDocument as ConfigDocument
     from hkstore.store._config import build_config as build_config
     from hkstore.store._config import config_schema as config_schema
+    from hkstore.store._config import config_with_binary_blob as config_with_binary_blob
+    from hkstore.store._config import config_with_text_blob as config_with_text_blob
     from hkstore.store._config import parse_config as parse_config
     from hkstore.store._dtypes import code_for_dtype as code_for_dtype
     from hkstore.store._dtypes import dtype_for_code as dtype_for_code
@@ -114,6 +116,8 @@ _INTERNAL: dict[str, str] = {
     "ConfigDocument": "_config",
     "build_config": "_config",
     "config_schema": "_config",
+    "config_with_binary_blob": "_config",
+    "config_with_text_blob": "_config",
     "parse_config": "_config",
     "code_for_dtype": "_dtypes",
     "dtype_for_code": "_dtypes",

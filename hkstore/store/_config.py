@@ -62,6 +62,8 @@ __all__ = [
     "ConfigSignature",
     "build_config",
     "config_schema",
+    "config_with_binary_blob",
+    "config_with_text_blob",
     "parse_config",
 ]
 
@@ -396,3 +398,44 @@ def _parse_signature(value: Any) -> ConfigSignature:
 def config_schema() -> dict[str, Any]:
     """Return (a fresh copy of) the config's JSON Schema, ``schemas/config.v1.json``."""
     return load_schema(SCHEMA)
+
+
+def config_with_binary_blob(config: Mapping[str, Any]) -> dict[str, Any]:
+    """Return a copy of ``config`` whose pickle blob is raw bytes instead of base64 text.
+
+    This is the ``allow_bin=True`` form declearn's binary (msgpack) transport expects; a
+    config without a pickle is returned as a plain copy. The signature, computed over the
+    text form, still verifies after :func:`config_with_text_blob`.
+
+    Example:
+        >>> cfg = {"pickle": {"blob": "AAE="}}
+        >>> config_with_binary_blob(cfg)["pickle"]["blob"]
+        b'\\x00\\x01'
+    """
+    out = dict(config)
+    record = out.get("pickle")
+    if isinstance(record, Mapping) and isinstance(record.get("blob"), str):
+        try:
+            blob = base64.b64decode(record["blob"], validate=True)
+        except (binascii.Error, ValueError) as exc:
+            raise ConfigError(f"{_WHAT}: $.pickle.blob is not valid base64 ({exc})") from None
+        out["pickle"] = {**record, "blob": blob}
+    return out
+
+
+def config_with_text_blob(config: Mapping[str, Any]) -> dict[str, Any]:
+    """Return a copy of ``config`` whose pickle blob is base64 text (undo the binary form).
+
+    A blob that is already text is left as it is (:func:`parse_config` checks it).
+
+    Example:
+        >>> config_with_text_blob({"pickle": {"blob": b"\\x00\\x01"}})["pickle"]["blob"]
+        'AAE='
+    """
+    out = dict(config)
+    record = out.get("pickle")
+    if isinstance(record, Mapping):
+        blob = record.get("blob")
+        if isinstance(blob, bytes | bytearray | memoryview):
+            out["pickle"] = {**record, "blob": base64.b64encode(blob).decode("ascii")}
+    return out
