@@ -23,6 +23,7 @@ __all__ = [
     "DataInfoError",
     "DeclearnFormatError",
     "DigestMismatchError",
+    "FrameworkVersionError",
     "HkstoreError",
     "IntegrityError",
     "InvalidKeyError",
@@ -33,6 +34,7 @@ __all__ = [
     "NotImportableError",
     "NotInitializedError",
     "RefusedCodeError",
+    "RefusedPayloadError",
     "RngStateError",
     "RuntimeMismatchError",
     "SignatureError",
@@ -134,6 +136,26 @@ class UnsafeTrustWarning(UserWarning):
 
 class MissingDependencyError(HkstoreError, ImportError):
     """An optional dependency is not installed (the message names the extra to install)."""
+
+
+class FrameworkVersionError(HkstoreError, ImportError):
+    """A framework's internals that an hkstore integration relies on are not where they were.
+
+    The message names the framework's version and what moved; the integration refuses to run
+    unguarded rather than guess.
+    """
+
+
+# --- framework messages -----------------------------------------------------------------
+
+
+class RefusedPayloadError(HkstoreError, TypeError, ValueError):
+    """A framework message payload hkstore refused to decode (the cause, if any, is chained).
+
+    A model type outside the allow-list, a type only lazily registered, or a model whose
+    archive or config the receive policy refuses or that is malformed. Also a ``TypeError``
+    and a ``ValueError``: what declearn's message decoding treats as a bad message.
+    """
 
 
 # --- models and values ------------------------------------------------------------------

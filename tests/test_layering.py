@@ -235,3 +235,44 @@ def test_the_suite_imports_the_hkstore_it_means_to() -> None:
 
     from_checkout = Path(hkstore.__file__).resolve().is_relative_to(REPO / "hkstore")
     assert from_checkout is not INSTALLED
+
+
+def test_declearn_integration_package_without_declearn_or_jax(tmp_path: Path) -> None:
+    """The conversion part works with neither; the engine names ask for the extra."""
+    folder, mark = blocker(tmp_path)
+    (folder / "declearn").mkdir()
+    (folder / "declearn" / "__init__.py").write_text(
+        "import pathlib\n"
+        f"with pathlib.Path({str(mark)!r}).open('a') as f:\n    f.write('declearn')\n"
+        "raise ImportError('declearn is blocked in this test')\n"
+    )
+    out = python_stdout(
+        """
+        import sys
+
+        import hkstore.integrations.declearn as integration
+        from hkstore.errors import MissingDependencyError
+
+        assert callable(integration.convert) and callable(integration.read_declearn)
+        print(sorted(m for m in ("declearn", "jax", "haiku") if m in sys.modules))
+        for name in ("DeclearnHaikuModel", "DeclearnJaxVector", "harden", "set_receive_policy"):
+            try:
+                getattr(integration, name)
+            except MissingDependencyError as exc:
+                print(name, "pip install 'hkstore[declearn]'" in str(exc))
+        try:
+            integration.no_such_name
+        except AttributeError:
+            print("AttributeError")
+        """,
+        pythonpath=[folder],
+    )
+    assert out.splitlines() == [
+        "[]",
+        "DeclearnHaikuModel True",
+        "DeclearnJaxVector True",
+        "harden True",
+        "set_receive_policy True",
+        "AttributeError",
+    ]
+    assert "declearn" in mark.read_text()  # the engine names did try, and were refused
