@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test bench install install-dev clean
+.PHONY: demo test test-declearn bench install install-dev clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -20,12 +20,29 @@ demo: install
 	XLA_FLAGS=--xla_force_host_platform_device_count=2 $(BIN)/python tools/demo.py
 
 # lint, types, the suite (doctests included) on this checkout, then the built wheel: bare (no
-# jax: inspect/verify work) and with the suite run against it in a fresh venv.
+# jax: inspect/verify work) and with the suite run against it in a fresh venv; then the
+# declearn integration in its own venv.
 test: install-dev
-	$(BIN)/ruff check hkstore tests tools
+	$(BIN)/ruff check hkstore tests tools conftest.py
 	$(BIN)/mypy
 	$(BIN)/python -m pytest
 	$(BIN)/python tools/wheel_check.py
+	$(MAKE) test-declearn
+
+# The declearn integration: its own venv, pinned to declearn 2.9.1 (the version its guard is
+# checked against); its tests, the doctests of the engine modules, then declearn's own unit
+# tests for its Haiku model and jax vector run against hkstore's (tools/declearn_suite.py).
+DECLEARN_VENV := .venv-declearn
+DECLEARN_VERSION := 2.9.1
+$(DECLEARN_VENV)/bin/python:
+	$(PYTHON) -m venv $(DECLEARN_VENV)
+	$(DECLEARN_VENV)/bin/python -m pip install --quiet --upgrade pip
+
+test-declearn: $(DECLEARN_VENV)/bin/python
+	$(DECLEARN_VENV)/bin/python -m pip install --quiet -e '.[declearn,test]' \
+		'declearn[haiku,websockets]==$(DECLEARN_VERSION)'
+	$(DECLEARN_VENV)/bin/python -m pytest tests/integration/declearn hkstore/integrations/declearn
+	$(DECLEARN_VENV)/bin/python tools/declearn_suite.py --version $(DECLEARN_VERSION)
 
 # Benchmarks need declearn (the `bench` extra): it lives in its own venv, never in .venv.
 BENCH_VENV := .venv-bench
@@ -38,4 +55,4 @@ bench: $(BENCH_VENV)/bin/python
 	$(BENCH_VENV)/bin/python tools/bench.py --json bench.json
 
 clean:
-	rm -rf $(VENV) $(BENCH_VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(BENCH_VENV) $(DECLEARN_VENV) .pytest_cache .mypy_cache .ruff_cache
