@@ -83,6 +83,16 @@ def test_json_and_msgpack_hooks_round_trip_exactly(dtype: Any) -> None:
         assert carried.dtypes() == vector.dtypes()
 
 
+@pytest.mark.parametrize("dtype", [np.float32, ml_dtypes.bfloat16, np.uint8])
+def test_hkstores_plain_pack_form_goes_through_declearns_hooks(dtype: Any) -> None:
+    plain = hkstore.JaxNumpyVector({k: jnp.asarray(v) for k, v in values(3, dtype).items()})
+    packed = plain.pack()
+    for carried in (json_deserialize(json_serialize(packed)),
+                    msgpack_deserialize(msgpack_serialize(packed))):
+        assert carried == packed
+        assert hkstore.JaxNumpyVector.unpack(carried) == plain
+
+
 def test_msgpack_carries_raw_bytes_json_base64() -> None:
     vector = jvec(1)
     raw = np.asarray(vector.coefs["mlp/~/linear_0:w"]).tobytes()
