@@ -76,6 +76,15 @@ def test_a_declearn_model_of_its_own_name_wrapping_an_hkstore_model() -> None:
     assert isinstance(wrapped.get_weights(), DeclearnJaxVector)
 
 
+def test_every_engine_name_of_the_package_resolves() -> None:
+    import hkstore.integrations.declearn as package
+    from hkstore.integrations.declearn import _engine
+
+    assert package._ENGINE <= set(package.__all__)
+    for name in sorted(package._ENGINE):
+        assert getattr(package, name) is getattr(_engine, name), name
+
+
 @pytest.mark.parametrize(
     ("args", "kwargs", "message"),
     [
