@@ -17,6 +17,12 @@ from __future__ import annotations
 
 __all__ = [
     "ArchiveFormatError",
+    "CheckpointExistsError",
+    "CheckpointFormatError",
+    "CheckpointLockedError",
+    "CheckpointNotFoundError",
+    "CheckpointWarning",
+    "CheckpointWriteError",
     "ClippingError",
     "ConfigError",
     "ContainerError",
@@ -38,6 +44,7 @@ __all__ = [
     "RngStateError",
     "RuntimeMismatchError",
     "SignatureError",
+    "StateMismatchError",
     "TrustPolicyError",
     "UnsafeTrustWarning",
     "UnsupportedContainerVersionError",
@@ -93,6 +100,10 @@ class DeclearnFormatError(HkstoreError, ValueError):
 
 class LimitExceededError(ArchiveFormatError):
     """A size, count or length in the input is larger than the configured limit allows."""
+
+
+class CheckpointFormatError(ArchiveFormatError):
+    """A checkpoint round is malformed or incomplete: its record, layout or state structure."""
 
 
 # --- integrity and trust ----------------------------------------------------------------
@@ -194,3 +205,36 @@ class ModelFunctionError(HkstoreError, RuntimeError):
 
 class NotImportableError(HkstoreError, ValueError):
     """A function cannot be stored by reference (lambda, closure, ``__main__``...)."""
+
+
+class StateMismatchError(HkstoreError, ValueError):
+    """A checkpoint state that cannot be stored, or a ``state_like`` template that does not fit.
+
+    The message names every path at fault (``$[0].mu['lin:w']``) and what was expected.
+    """
+
+
+# --- checkpoint directories -------------------------------------------------------------
+
+
+class CheckpointExistsError(HkstoreError, FileExistsError):
+    """The round is already saved; pass ``overwrite=True`` to replace it."""
+
+
+class CheckpointNotFoundError(HkstoreError, FileNotFoundError):
+    """No such round in the checkpoint directory (or no complete round at all)."""
+
+
+class CheckpointLockedError(HkstoreError, RuntimeError):
+    """Another Checkpointer (this process or another) is saving into the same directory."""
+
+
+class CheckpointWarning(UserWarning):
+    """``Checkpointer.restore()`` skipped a round that does not verify (the message says why)."""
+
+
+class CheckpointWriteError(HkstoreError, OSError):
+    """Writing a round failed (disk full, file too large, read-only folder...): names the file.
+
+    Earlier rounds are untouched and nothing partial becomes visible.
+    """

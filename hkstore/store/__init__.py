@@ -6,7 +6,10 @@ names), ``_manifest``, ``_records`` and ``_canonical`` (the canonical JSON manif
 (the one dtype table), ``_functions`` / ``_zstd`` / ``_pickle_scan`` (function references,
 the opt-in pickle blob, static pickle listing), ``_signing`` / ``_keys`` (Ed25519 and
 HMAC-SHA256), ``_trust`` and ``_gate`` (what a loader agrees to run), ``_limits``,
-``_atomic`` (durable writes), ``_archive`` (writing and lazily reading whole archives).
+``_atomic`` (durable writes), ``_archive`` (writing and lazily reading whole archives);
+checkpoint directories without jax: ``_round_dir`` (the directory's files: naming, staging,
+publishing, removal, history files, the writer lock), ``_round_record`` (the round record and
+history documents), ``_rounds`` (writing, opening and verifying rounds), ``_retention``.
 
 Two tiers of names, both resolved on first access (importing one submodule, as the CLI's
 ``inspect`` does, does not pay for the others):
@@ -16,7 +19,8 @@ Two tiers of names, both resolved on first access (importing one submodule, as t
   :class:`Limits`, the key classes and helpers...
 - **internal**: what hkstore's own upper layers (saving, ``hkstore.model``, the checkpoint
   manager, the integrations and the CLI) need from the format: :func:`atomic_write`, the
-  config document, the function descriptions, the dtype table, member names. Nothing outside
+  config document, the function descriptions, the dtype table, member names, checkpoint
+  rounds. Nothing outside
   ``hkstore/store/`` imports a private ``hkstore.store._*`` module; these names may change
   between minor releases.
 
@@ -77,6 +81,24 @@ if TYPE_CHECKING:
     from hkstore.store._pickle_scan import pickle_globals as pickle_globals
     from hkstore.store._records import RNG_IMPLEMENTATIONS as RNG_IMPLEMENTATIONS
     from hkstore.store._records import RngRecord as RngRecord
+    from hkstore.store._retention import KeepBest as KeepBest
+    from hkstore.store._retention import Retention as Retention
+    from hkstore.store._round_dir import MODEL_MEMBER as MODEL_MEMBER
+    from hkstore.store._round_dir import RECORD_MEMBER as RECORD_MEMBER
+    from hkstore.store._round_dir import STATE_MEMBER as STATE_MEMBER
+    from hkstore.store._round_dir import RoundDirectory as RoundDirectory
+    from hkstore.store._round_dir import WriterLock as WriterLock
+    from hkstore.store._round_dir import parse_round_folder as parse_round_folder
+    from hkstore.store._round_dir import round_folder_name as round_folder_name
+    from hkstore.store._round_record import HistoryEntry as HistoryEntry
+    from hkstore.store._round_record import RoundRecord as RoundRecord
+    from hkstore.store._rounds import Round as Round
+    from hkstore.store._rounds import StateContent as StateContent
+    from hkstore.store._rounds import open_round as open_round
+    from hkstore.store._rounds import reconcile_history as reconcile_history
+    from hkstore.store._rounds import round_history as round_history
+    from hkstore.store._rounds import rounds_metrics as rounds_metrics
+    from hkstore.store._rounds import write_round as write_round
     from hkstore.store._signing import Ed25519Signer as Ed25519Signer
     from hkstore.store._signing import Ed25519Verifier as Ed25519Verifier
     from hkstore.store._signing import HmacKey as HmacKey
@@ -139,6 +161,24 @@ _INTERNAL: dict[str, str] = {
     "pickle_globals": "_pickle_scan",
     "RNG_IMPLEMENTATIONS": "_records",
     "RngRecord": "_records",
+    "KeepBest": "_retention",
+    "Retention": "_retention",
+    "MODEL_MEMBER": "_round_dir",
+    "RECORD_MEMBER": "_round_dir",
+    "STATE_MEMBER": "_round_dir",
+    "RoundDirectory": "_round_dir",
+    "WriterLock": "_round_dir",
+    "parse_round_folder": "_round_dir",
+    "round_folder_name": "_round_dir",
+    "HistoryEntry": "_round_record",
+    "RoundRecord": "_round_record",
+    "Round": "_rounds",
+    "StateContent": "_rounds",
+    "open_round": "_rounds",
+    "reconcile_history": "_rounds",
+    "round_history": "_rounds",
+    "rounds_metrics": "_rounds",
+    "write_round": "_rounds",
     "Signer": "_signing",
     "Verifier": "_signing",
     "TensorSpec": "_weights",
