@@ -8,6 +8,9 @@ Map of the package:
   extra: without it, touching these names raises an ``ImportError`` naming the extra).
 - ``hkstore.save`` / ``load`` / ``dumps`` / ``loads`` / ``open_archive``: the archive format
   (``hkstore.store``, which never imports jax).
+- ``hkstore.Checkpointer`` (and ``Restored``, what its ``restore()`` returns): federated
+  rounds in a directory, crash-safe, verified, resumable bit for bit (``hkstore.checkpoint``;
+  imports jax).
 - ``hkstore.Trust`` and the key helpers: what a loader agrees to import or unpickle.
 - ``hkstore.errors``: the error family (every error is an ``HkstoreError``).
 
@@ -24,6 +27,8 @@ from hkstore._version import __version__ as __version__
 from hkstore.errors import HkstoreError as HkstoreError
 
 if TYPE_CHECKING:
+    from hkstore.checkpoint import Checkpointer as Checkpointer
+    from hkstore.checkpoint import Restored as Restored
     from hkstore.model import DevicePolicy as DevicePolicy
     from hkstore.model import HaikuModel as HaikuModel
     from hkstore.model import JaxNumpyVector as JaxNumpyVector
@@ -76,6 +81,8 @@ _LAZY: dict[str, str] = {
     "DevicePolicy": "hkstore.model",
     "get_device_policy": "hkstore.model",
     "set_device_policy": "hkstore.model",
+    "Checkpointer": "hkstore.checkpoint",
+    "Restored": "hkstore.checkpoint",
 }
 
 __all__ = ["HkstoreError", "__version__", "errors", *_LAZY]

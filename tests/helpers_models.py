@@ -155,3 +155,10 @@ def device_policy(gpu: bool = False, idx: int | None = None) -> Iterator[DeviceP
         yield set_device_policy(gpu=gpu, idx=idx)
     finally:
         set_device_policy(gpu=before.gpu, idx=before.idx)
+
+
+def dropout_mlp_model(x: jax.Array) -> jax.Array:
+    """An MLP with dropout: its gradients depend on the model's random key."""
+    h = jax.nn.relu(hk.Linear(16, name="hidden")(x))
+    h = hk.dropout(hk.next_rng_key(), 0.5, h)
+    return hk.Linear(3, name="head")(h)
