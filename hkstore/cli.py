@@ -27,7 +27,12 @@ Check an archive the way a loader would, without loading it: the ZIP container
 (strict structure, limits), the manifest (canonical JSON, schema), the signature
 (with the keys given; required with --require-signature), the safetensors header
 against the manifest, every tensor's SHA-256 digest, and the pickle member's digest
-and opcodes (never unpickled). Stops at the first failed check and names it."""
+and opcodes (never unpickled). Stops at the first failed check and names it.
+
+Given a checkpoint directory, check every round (or one: DIR/round-N, --round N)
+the way Checkpointer.restore() does: the round record (canonical JSON, schema,
+signature), the model archive (the manifest digest the record holds, then every
+check above) and the state (header and every tensor digest)."""
 
 _EXIT_CODES = """\
 exit status:
@@ -41,11 +46,23 @@ exit status:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    """Show what an archive holds, reading only its manifest and headers."""
+    """Show what an archive holds, reading only its manifest and headers (or list a
+    checkpoint directory's rounds)."""
     from hkstore._cli._inspect import inspect_report, render_inspect
 
     keys_given = bool(args.key or args.hmac_secret_file)
     trust = load_trust(args.key, args.hmac_secret_file) if keys_given else None
+    if _is_folder(args):
+        from hkstore._cli._checkpoint import (
+            inspect_checkpoint,
+            inspect_exit_code,
+            render_inspect_checkpoint,
+            resolve_target,
+        )
+
+        listing = inspect_checkpoint(resolve_target(args.archive, args.round), trust)
+        emit_report(listing, render_inspect_checkpoint, as_json=args.json)
+        return inspect_exit_code(listing)
     with open_input(args.archive) as archive:
         report = inspect_report(archive, args.archive, trust)
     emit_report(report, render_inspect, as_json=args.json)
@@ -57,12 +74,38 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from hkstore._cli._verify import render_verify, run_checks
 
     trust = load_trust(args.key, args.hmac_secret_file, require_signature=args.require_signature)
+    if _is_folder(args):
+        from hkstore._cli._checkpoint import (
+            render_verify_checkpoint,
+            resolve_target,
+            verify_checkpoint,
+        )
+
+        target = resolve_target(args.archive, args.round)
+        checked, code = verify_checkpoint(target, trust)
+        emit_report(checked, render_verify_checkpoint, as_json=args.json)
+        for r in checked["rounds"]:
+            if r["failed"] is not None:
+                note(f"verify: {args.archive}: round {r['round']}: the {r['failed']['check']} "
+                     "check failed")
+        return code
     outcome = run_checks(lambda: open_input(args.archive), args.archive, trust)
     report = outcome.report()
     emit_report(report, render_verify, as_json=args.json)
     if outcome.failed is not None:
         note(f"verify: {args.archive}: the {outcome.failed['check']} check failed")
     return outcome.exit_code
+
+
+def _is_folder(args: argparse.Namespace) -> bool:
+    """Whether the input is a checkpoint directory or round (``--round`` needs one)."""
+    from hkstore._cli._checkpoint import is_checkpoint_path
+
+    if is_checkpoint_path(args.archive):
+        return True
+    if args.round is not None:
+        raise UsageError(f"--round: {args.archive} is not a checkpoint directory")
+    return False
 
 
 def cmd_keygen(args: argparse.Namespace) -> int:
@@ -130,6 +173,13 @@ def _add_keys(p: argparse.ArgumentParser) -> None:
                    help="trusted HMAC-SHA256 shared secret file; repeat for several")
 
 
+def _round_number(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected a round number (an integer >= 0), got "
+                                         f"{text!r}")
+    return int(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``hkstore`` argument parser (one sub-command per verb)."""
     parser = _Parser(prog="hkstore", description=_DESCRIPTION, epilog=_EXIT_CODES,
@@ -145,17 +195,26 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
         return p
 
-    p = verb("inspect", cmd_inspect, "show an archive's contents from its headers only")
-    p.add_argument("archive", metavar="ARCHIVE")
-    p.add_argument("--json", action="store_true", help="print hkstore-inspect v1 JSON")
+    p = verb("inspect", cmd_inspect, "show an archive's contents from its headers only, or "
+             "list a checkpoint directory's rounds")
+    p.add_argument("archive", metavar="ARCHIVE|DIR",
+                   help="an archive, a checkpoint directory, or one round's folder DIR/round-N")
+    p.add_argument("--round", type=_round_number, metavar="N",
+                   help="with a checkpoint directory: only round N")
+    p.add_argument("--json", action="store_true",
+                   help="print hkstore-inspect (or hkstore-inspect-checkpoint) v1 JSON")
     _add_keys(p)
     p = verb("verify", cmd_verify, "check structure, schema, limits, every digest, signature",
              _VERIFY)
-    p.add_argument("archive", metavar="ARCHIVE")
+    p.add_argument("archive", metavar="ARCHIVE|DIR",
+                   help="an archive, a checkpoint directory (every round), or DIR/round-N")
+    p.add_argument("--round", type=_round_number, metavar="N",
+                   help="with a checkpoint directory: only round N")
     _add_keys(p)
     p.add_argument("--require-signature", action="store_true",
                    help="fail unless signed by one of the given keys")
-    p.add_argument("--json", action="store_true", help="print hkstore-verify v1 JSON")
+    p.add_argument("--json", action="store_true",
+                   help="print hkstore-verify (or hkstore-verify-checkpoint) v1 JSON")
     p = verb("keygen", cmd_keygen, "create an Ed25519 key pair NAME.key (0600) + NAME.pub")
     p.add_argument("name", metavar="NAME")
     p = verb("sign", cmd_sign, "verify an archive's digests, then (re-)sign it atomically")

@@ -36,6 +36,7 @@ from hkstore.store._round_dir import (
     RECORD_MEMBER,
     STATE_MEMBER,
     RoundDirectory,
+    Staging,
     round_folder_name,
 )
 from hkstore.store._round_record import (
@@ -122,27 +123,19 @@ def write_round(
         CheckpointWriteError: a file could not be written (names it); nothing appeared.
         As :func:`write_archive` for the content.
     """
-    from hkstore.store._weights import write_weights
-
     model.metadata = {"metrics": dict(metrics), "round": round_}
-    with directory.stage(round_) as staging:
-        with staging.open(MODEL_MEMBER) as handle:
-            manifest = write_archive(handle, model, signer=signer, compression=compression)
-            model_size = handle.tell()
-        state_json = None
-        if state is not None:
-            with staging.open(STATE_MEMBER) as handle:
-                written = write_weights(handle, state.specs, state.fetch, crc32=None)
-            state_json = {
-                "header_sha256": written.header_sha256,
-                "size": written.size,
-                "structure": dict(state.structure),
-                "tensors": [
-                    {"dtype": s.dtype, "name": s.name, "sha256": written.tensor_sha256[s.name],
-                     "shape": list(s.shape)}
-                    for s in state.specs
-                ],
-            }
+    with directory.stage(round_) as staging, ThreadPoolExecutor(
+            1, thread_name_prefix="hkstore-state") as pool:
+        # The state file is written on its own thread while this one writes the archive:
+        # each hashes one tensor per core at a time (a tensor's SHA-256 cannot be split), so
+        # two files in flight keep both cores busy where one would leave gaps.
+        state_job = None if state is None else pool.submit(_write_state, staging, state)
+        try:
+            with staging.open(MODEL_MEMBER) as handle:
+                manifest = write_archive(handle, model, signer=signer, compression=compression)
+                model_size = handle.tell()
+        finally:
+            state_json = None if state_job is None else state_job.result()
         time = now_iso()
         data, record = build_record(
             round_=round_,
@@ -160,6 +153,24 @@ def write_round(
         staging.publish(overwrite=overwrite)
     directory.write_history(round_, build_history(round_, time, metrics))
     return record
+
+
+def _write_state(staging: Staging, state: StateContent) -> dict[str, Any]:
+    """Write ``state.safetensors``; return the record's ``$.state`` (without ``member``)."""
+    from hkstore.store._weights import write_weights
+
+    with staging.open(STATE_MEMBER) as handle:
+        written = write_weights(handle, state.specs, state.fetch, crc32=None)
+    return {
+        "header_sha256": written.header_sha256,
+        "size": written.size,
+        "structure": dict(state.structure),
+        "tensors": [
+            {"dtype": s.dtype, "name": s.name, "sha256": written.tensor_sha256[s.name],
+             "shape": list(s.shape)}
+            for s in state.specs
+        ],
+    }
 
 
 def _where(directory: RoundDirectory, round_: int) -> str:
