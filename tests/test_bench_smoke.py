@@ -29,6 +29,10 @@ RATIO_KEYS = {
     "cnn_clipped_vs_declearn",
     "cnn_clipped_vs_plain",
     "cnn_clipped_peak_vs_plain",
+    "checkpoint_save_vs_orbax",
+    "checkpoint_background_block_vs_save",
+    "checkpoint_restore_vs_orbax",
+    "checkpoint_background_rss_vs_weights",
 }
 HK_GRAD_CASES = {"hk_plain", "hk_clipped", "hk_clipped_per_sample"}
 DL_GRAD_CASES = {"dl_plain", "dl_clipped"}
@@ -47,7 +51,7 @@ def test_quick_bench_on_tiny_sizes_writes_every_ratio(tmp_path: Path) -> None:
         sys.executable, str(REPO / "tools" / "bench.py"), "--quick", "--sizes", "10k",
         "--reps", "1", "--inspect-mb", "1", "--grad-params", "2k", "--grad-batch", "4",
         "--grad-seconds", "0.02", "--grad-cnn", "4,8,8", "--mem-batch", "8", "--no-grad-rss",
-        "--tmpdir", str(tmp_path), "--json", str(out),
+        "--checkpoint-params", "20k", "--tmpdir", str(tmp_path), "--json", str(out),
     ]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=240, check=False)
@@ -78,6 +82,12 @@ def test_quick_bench_on_tiny_sizes_writes_every_ratio(tmp_path: Path) -> None:
     for key in ("save_vs_safetensors", "load_verified_vs_safetensors", "load_vs_memcpy_floor",
                 "inspect_1gb_ms", "cli_inspect_ms", "peak_rss_vs_weights"):
         assert report["ratios"][key] is not None, key
+    # the Checkpointer's own cases always run (Orbax only with the bench extra)
+    checkpoint = report["checkpoint"]
+    for case in ("hk_save", "hk_save_background", "hk_restore"):
+        assert checkpoint["median_ms"][case] > 0, case
+    assert report["ratios"]["checkpoint_background_block_vs_save"] is not None
+    assert report["ratios"]["checkpoint_background_rss_vs_weights"] is not None
     machine = report["machine"]
     assert machine["cpu_count"] >= 1 and machine["python"] and machine["versions"]["jax"]
     assert report["ratios_size"] == "10k"

@@ -813,3 +813,16 @@ def test_no_warning_on_a_clean_restore(tmp_path: Path) -> None:
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             assert ckpt.restore(**GIVEN).round == 2
+
+
+def test_the_readme_example_runs_and_resumes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    match = re.search(r"<!-- example:checkpoint -->\n```python\n(.*?)\n```", text, re.S)
+    assert match, "README.md has no checkpoint example"
+    monkeypatch.chdir(tmp_path)
+    for _ in range(2):
+        exec(compile(match.group(1), "README.md", "exec"), {"__name__": "readme"})
+    printed = capsys.readouterr().out.splitlines()
+    assert printed == ["on disk [2, 3, 4] best 4 saved 5", "on disk [7, 8, 9] best 9 saved 10"]
+    assert "`on disk [2, 3, 4] best 4 saved 5`, then `on disk [7, 8, 9] best 9 saved\n10`" in text

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import io
+import json
 import re
 from pathlib import Path
 
@@ -139,3 +140,63 @@ def test_worked_example_signatures_are_exact() -> None:
         assert signer.key_id in text
         assert sign_manifest(manifest_bytes, signer) == document  # both are deterministic
         assert verify_manifest_signature(document, manifest_bytes, [verifier]) == signer.key_id
+
+
+# --- section 13: checkpoint directories -----------------------------------------------------
+
+
+def test_checkpoint_worked_example_is_exact() -> None:
+    from hkstore.store._retention import Retention
+    from hkstore.store._round_record import (
+        ROUND_SIGNATURE_CONTEXT,
+        build_history,
+        build_record,
+        parse_record,
+    )
+    from hkstore.store._trust import Trust
+
+    text = _text()
+    record_bytes = _example("round-record")
+    record = parse_record(record_bytes, where="round.json", expected_round=3)
+    key = HmacKey(bytes(32))
+    assert record.check_signature(Trust(keys=[key], require_signature=True)) == key.key_id
+    assert f'b"{ROUND_SIGNATURE_CONTEXT[:-1].decode("ascii")}\\n"' in text
+    assert f"({len(record_bytes)} bytes, one line)" in text
+    # model.hkz is the archive of section 12
+    manifest_bytes = _example("manifest")
+    weights = bytes.fromhex("".join(_example("weights-hex").decode("ascii").split()))
+    out = io.BytesIO()
+    writer = ContainerWriter(out)
+    stream = writer.begin_member("weights.safetensors", align=64)
+    stream.write(weights)
+    stream.finish()
+    writer.add_member("manifest.json", manifest_bytes)
+    writer.close()
+    assert record.model.size == len(out.getvalue())
+    assert record.model.manifest_sha256 == hashlib.sha256(manifest_bytes).hexdigest()
+    # state.safetensors: size, header digest and every tensor digest
+    state = bytes.fromhex("".join(_example("round-state-hex").decode("ascii").split()))
+    assert record.state is not None and len(state) == record.state.size
+    assert f"`state.safetensors` ({len(state)} bytes)" in text
+    reader = WeightsReader(state)
+    assert reader.header_sha256 == record.state.header_sha256
+    arrays = reader.read_all(record.state.digests)
+    assert int(arrays["$.count"]) == 3 and arrays['$.mu["lin:w"]'].tolist() == [[0.5] * 3] * 2
+    # a writer given the same inputs writes the same bytes
+    state_json = {k: v for k, v in json.loads(record_bytes)["state"].items() if k != "member"}
+    again, _ = build_record(
+        round_=3, time=record.time, metrics=record.metrics, model_size=record.model.size,
+        manifest_sha256=record.model.manifest_sha256, state=state_json,
+        retention=Retention(keep_last=2), signer=key)
+    assert again == record_bytes
+    assert build_history(3, record.time, record.metrics) == _example("round-history")
+
+
+def test_checkpoint_node_table_lists_every_node_type() -> None:
+    from hkstore.store._round_record import NODE_TYPES
+
+    block = _text().split("### 13.4", 1)[1].split("### 13.5", 1)[0]
+    documented = []
+    for row in _rows("\n".join(line for line in block.splitlines() if line.startswith("|"))):
+        documented += re.findall(r"`([a-z]+)`", row[0])
+    assert documented == list(NODE_TYPES)

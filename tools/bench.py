@@ -3,6 +3,7 @@
 Usage::
 
     python tools/bench.py [--quick] [--sizes 100k,10M,100M] [--reps N] [--json FILE]
+                          [--checkpoint-params 100M | --no-checkpoint]
 
 Method. For each size (a float32 parameter count; the model is the ReLU MLP of
 ``tools/bench_models.py`` sized to reach it) every case below runs side by side in the same
@@ -59,7 +60,9 @@ picks (``hk_clipped``: the fast path on both nets; the JSON records the path and
 weight's method) and on the per-sample path (``hk_clipped_per_sample``), declearn plain and
 clipped (``dl_plain``, ``dl_clipped``); then the peak memory of one plain, fast-clipped and
 per-sample-clipped step at ``--mem-batch`` (256): XLA's compiled buffer assignment, and the RSS
-above baseline of a warm step in a fresh process.
+above baseline of a warm step in a fresh process. Last, ``hkstore.Checkpointer`` against
+Orbax's ``CheckpointManager`` on one model and its Adam state (``--checkpoint-params``;
+``tools/bench_checkpoint.py`` describes the cases; Orbax comes with the ``bench`` extra).
 
 Ratios (under ``"ratios"`` in the JSON; null when a case was skipped) are taken at the largest
 size measured. Time ratios are hkstore time divided by the other's time (lower is better);
@@ -98,6 +101,7 @@ for _p in (str(TOOLS), str(REPO)):  # bench_models, and hkstore from this checko
     if _p not in sys.path:
         sys.path.insert(0, _p)
 
+import bench_checkpoint  # noqa: E402
 import bench_models  # noqa: E402
 
 RATIO_KEYS = (
@@ -117,6 +121,10 @@ RATIO_KEYS = (
     "cnn_clipped_vs_declearn",
     "cnn_clipped_vs_plain",
     "cnn_clipped_peak_vs_plain",
+    "checkpoint_save_vs_orbax",
+    "checkpoint_background_block_vs_save",
+    "checkpoint_restore_vs_orbax",
+    "checkpoint_background_rss_vs_weights",
 )
 
 RATIO_DEFINITIONS = {
@@ -139,6 +147,14 @@ RATIO_DEFINITIONS = {
     "cnn_clipped_vs_declearn": "conv net: hk_clipped / dl_clipped steps/s; >= 20",
     "cnn_clipped_vs_plain": "conv net: hk_clipped / hk_plain steps/s; >= 0.3",
     "cnn_clipped_peak_vs_plain": "conv net: as clipped_peak_vs_plain; <= 2",
+    "checkpoint_save_vs_orbax": "Checkpointer.save (sync) / Orbax CheckpointManager.save + "
+                                "wait_until_finished, model + Adam state; <= 1.0",
+    "checkpoint_background_block_vs_save": "time save() blocks with background=True / a sync "
+                                           "save; <= 0.05",
+    "checkpoint_restore_vs_orbax": "Checkpointer.restore (every digest checked) / Orbax "
+                                   "restore; <= 1.0",
+    "checkpoint_background_rss_vs_weights": "(VmHWM during a background save - VmRSS before) / "
+                                            "weight bytes; <= 1.2",
 }
 
 SIZE_SUFFIXES = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9}
@@ -1255,7 +1271,8 @@ def ratio(a: float | None, b: float | None) -> float | None:
 
 
 def compute_ratios(sizes: Mapping[str, Any], inspect_res: Mapping[str, Any],
-                   grads: Mapping[str, Any]) -> dict[str, float | None]:
+                   grads: Mapping[str, Any], checkpoint: Mapping[str, Any] | None = None
+                   ) -> dict[str, float | None]:
     last = list(sizes.values())[-1] if sizes else {"median_ms": {}}
     m: Mapping[str, float | None] = last["median_ms"]
     loads = [v for v in (m.get("hk_load_verified"), m.get("hk_load_noverify")) if v is not None]
@@ -1282,9 +1299,25 @@ def compute_ratios(sizes: Mapping[str, Any], inspect_res: Mapping[str, Any],
         "cnn_clipped_vs_declearn": ratio(cnn.get("hk_clipped"), cnn.get("dl_clipped")),
         "cnn_clipped_vs_plain": ratio(cnn.get("hk_clipped"), cnn.get("hk_plain")),
         "cnn_clipped_peak_vs_plain": memory.get("cnn", {}).get("fast_vs_plain_compiled"),
+        **bench_checkpoint.ratios(dict(checkpoint) if checkpoint else None),
     }
     assert tuple(out) == RATIO_KEYS
     return out
+
+
+def bench_checkpoint_section(args: argparse.Namespace, hk: Hk, work: Path
+                             ) -> dict[str, Any] | None:
+    """``hkstore.Checkpointer`` against Orbax (``tools/bench_checkpoint.py``)."""
+    if args.no_checkpoint:
+        print("\n== checkpoint: skipped (--no-checkpoint)")
+        return None
+    reason = hk.why_not("HaikuModel")
+    if reason is not None or not hasattr(hk.mod, "Checkpointer"):
+        print(f"\n== checkpoint: skipped ({reason or 'hkstore.Checkpointer not available'})")
+        return None
+    folder = work / "checkpoint"
+    folder.mkdir()
+    return bench_checkpoint.bench_checkpoint(args.checkpoint_params, args.reps, folder)
 
 
 def pick_tmpdir(requested: str | None) -> Path:
@@ -1323,6 +1356,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="batch of the step-memory figures (default 256; 0 skips them)")
     p.add_argument("--grads-only", action="store_true",
                    help="only the gradient and step-memory figures (no save/load, inspect)")
+    p.add_argument("--checkpoint-params", type=parse_sizes, default=None,
+                   help="param count of the Checkpointer-vs-Orbax model (default 100M; quick "
+                        "1M); an Adam state of twice its size goes with it")
+    p.add_argument("--no-checkpoint", action="store_true",
+                   help="skip the Checkpointer-vs-Orbax section")
     p.add_argument("--no-declearn", action="store_true", help="skip the declearn cases")
     p.add_argument("--no-hkstore", action="store_true",
                    help="skip the hkstore cases (baselines only)")
@@ -1351,6 +1389,7 @@ def main(argv: list[str] | None = None) -> int:
     args.grad_params = (args.grad_params or parse_sizes("200k" if q else "1M"))[0][1]
     args.grad_batch = args.grad_batch or (32 if q else 64)
     args.grad_seconds = args.grad_seconds or (0.2 if q else 0.5)
+    args.checkpoint_params = (args.checkpoint_params or parse_sizes("1M" if q else "100M"))[0][1]
 
     t_start = time.perf_counter()
     import jax
@@ -1382,9 +1421,10 @@ def main(argv: list[str] | None = None) -> int:
         inspect_res = {"skipped": "--grads-only"} if args.grads_only else bench_inspect(
             args, hk, work)
         grads = bench_grads(args, hk, dl)
+        checkpoint = None if args.grads_only else bench_checkpoint_section(args, hk, work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    ratios = compute_ratios(sizes, inspect_res, grads)
+    ratios = compute_ratios(sizes, inspect_res, grads, checkpoint)
     report = {
         "machine": machine,
         "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None
@@ -1393,6 +1433,7 @@ def main(argv: list[str] | None = None) -> int:
                    "warmup_rounds": 1, "tmpdir": str(base), "inspect_mb": args.inspect_mb,
                    "grad_params": args.grad_params, "grad_batch": args.grad_batch,
                    "mem_batch": args.mem_batch, "grad_cnn": args.grad_cnn,
+                   "checkpoint_params": args.checkpoint_params,
                    "declearn": dl.version, "declearn_skip_reason": dl.reason,
                    "hkstore_missing": hk.missing, "hkstore_functions": hk.functions,
                    "hkstore_functions_note": hk.functions_note,
@@ -1400,6 +1441,7 @@ def main(argv: list[str] | None = None) -> int:
         "sizes": sizes,
         "inspect": inspect_res,
         "grads": grads,
+        "checkpoint": checkpoint,
         "ratios_size": list(sizes)[-1] if sizes else None,
         "ratios": ratios,
         "ratio_definitions": RATIO_DEFINITIONS,

@@ -1,6 +1,9 @@
 """hkstore demo: train, save signed, reload elsewhere, and refuse code nobody vouched for.
 
-1. Train a small MLP with a frozen first layer on per-sample clipped gradients.
+1. Train a small MLP with a frozen first layer on per-sample clipped gradients (SGD with
+   momentum), saving every round with a ``hkstore.Checkpointer``; halfway, throw the model
+   away (a crash) and resume from the newest round: the result is bit-identical to a run that
+   never stopped.
 2. Save it signed (Ed25519), weights only; reload it on the other (virtual) device with the
    default trust policy (nothing imported or unpickled): mask and data info restored.
 3. Save a model whose loss is a closure as a signed pickle; loading it is refused without
@@ -26,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import hkstore
-from hkstore.model import HaikuModel, set_device_policy
+from hkstore.model import HaikuModel, JaxNumpyVector, set_device_policy
 
 FEATURES = 8
 CLASSES = 3
@@ -75,27 +78,77 @@ def show_weights(model: HaikuModel) -> None:
     print(f"frozen    ({len(frozen)}): {', '.join(frozen)}")
 
 
-def train(
+def train_round(
     model: HaikuModel,
+    velocity: dict[str, jax.Array],
     x: np.ndarray,
     y: np.ndarray,
     *,
-    epochs: int = 6,
     batch_size: int = 32,
-    learning_rate: float = 0.5,
+    learning_rate: float = 0.2,
+    momentum: float = 0.9,
     max_norm: float = 1.0,
-) -> list[float]:
-    """Plain SGD on per-sample clipped gradients; return (and print) the mean loss per epoch."""
-    history = []
-    for epoch in range(epochs):
-        for start in range(0, len(x), batch_size):
-            batch = (x[start : start + batch_size], y[start : start + batch_size], None)
-            grads = model.compute_batch_gradients(batch, max_norm=max_norm)
-            model.apply_updates(grads * -learning_rate)
-        losses = model.collect_training_losses()
-        history.append(float(np.mean(losses)))
-        print(f"epoch {epoch + 1}: mean training loss {history[-1]:.4f} ({len(losses)} steps)")
-    return history
+) -> tuple[dict[str, jax.Array], float]:
+    """One round (epoch) of SGD with momentum on per-sample clipped gradients.
+
+    Returns:
+        The new momentum and the round's mean training loss.
+    """
+    for start in range(0, len(x), batch_size):
+        batch = (x[start : start + batch_size], y[start : start + batch_size], None)
+        grads = model.compute_batch_gradients(batch, max_norm=max_norm).coefs
+        velocity = {k: momentum * velocity[k] + grads[k] for k in grads}
+        model.apply_updates(JaxNumpyVector({k: -learning_rate * v for k, v in velocity.items()}))
+    return velocity, float(np.mean(model.collect_training_losses()))
+
+
+def zero_velocity(model: HaikuModel) -> dict[str, jax.Array]:
+    """The momentum of a fresh run: zeros like the trainable weights."""
+    return {k: jnp.zeros_like(v) for k, v in model.get_weights(trainable=True).coefs.items()}
+
+
+def train(x: np.ndarray, y: np.ndarray, folder: Path, *, rounds: int = 6,
+          crash_after: int = 3) -> tuple[HaikuModel, list[float]]:
+    """Train ``rounds`` rounds, saving each; "crash" after ``crash_after`` and resume.
+
+    Returns:
+        The trained model and the mean loss of each round.
+    """
+    model = build_model(seed=0)
+    show_weights(model)
+    before = {k: np.asarray(v) for k, v in model.get_weights().coefs.items()}
+    velocity = zero_velocity(model)
+    ckpt = hkstore.Checkpointer(folder, keep_last=2, background=True, functions="none")
+    for round_ in range(1, crash_after + 1):
+        velocity, loss = train_round(model, velocity, x, y)
+        ckpt.save(model, round_, state={"velocity": velocity}, metrics={"loss": loss})
+        print(f"round {round_}: mean training loss {loss:.4f} (saved in the background)")
+    ckpt.close()
+    del model, velocity  # the crash: nothing survives but the checkpoint directory
+    ckpt = hkstore.Checkpointer(folder, keep_last=2, background=True, functions="none")
+    restored = ckpt.restore(model=mlp, loss=xent_loss)
+    model, velocity = restored.model, restored.state["velocity"]
+    print(f"restarted: resumed from round {restored.round} (weights, trainable mask, random "
+          "state and momentum restored)")
+    for round_ in range(restored.round + 1, rounds + 1):
+        velocity, loss = train_round(model, velocity, x, y)
+        ckpt.save(model, round_, state={"velocity": velocity}, metrics={"loss": loss})
+        print(f"round {round_}: mean training loss {loss:.4f}")
+    ckpt.close()
+    history = [entry["metrics"]["loss"] for entry in ckpt.history()]
+    print(f"checkpoint: rounds on disk {ckpt.rounds()}, history of {len(history)} rounds")
+    check_frozen(model, before)
+    reference = build_model(seed=0)  # the same run, never stopped
+    reference_velocity = zero_velocity(reference)
+    for _ in range(rounds):
+        reference_velocity, _ = train_round(reference, reference_velocity, x, y)
+    same = (reference.get_weights() == model.get_weights()
+            and reference.rng_state == model.rng_state
+            and all(np.array_equal(reference_velocity[k], velocity[k]) for k in velocity))
+    print(f"bit-identical to a run that never stopped: {same}")
+    if not same:
+        raise SystemExit("the resumed run diverged")
+    return model, history
 
 
 def check_frozen(model: HaikuModel, before: dict[str, np.ndarray]) -> None:
@@ -169,13 +222,9 @@ def main() -> int:
     """Run the demo; return the exit status."""
     print(f"device: {choose_device()}")
     x, y = make_data()
-    model = build_model(seed=0)
-    show_weights(model)
-    before = {k: np.asarray(v) for k, v in model.get_weights().coefs.items()}
-    history = train(model, x, y)
-    check_frozen(model, before)
-    print(f"loss went from {history[0]:.4f} to {history[-1]:.4f}")
     with tempfile.TemporaryDirectory() as tmp:
+        model, history = train(x, y, Path(tmp) / "rounds")
+        print(f"loss went from {history[0]:.4f} to {history[-1]:.4f}")
         save_and_reload(model, Path(tmp))
         pickled_closure(model, Path(tmp))
     return 0 if history[-1] < history[0] else 1

@@ -188,10 +188,10 @@ def _summary(node: dict[str, Any], depth: int = 0) -> str:
         return "array"
     if kind in ("json", "float"):
         return "scalar"
-    if depth >= 2:
-        return "..."
     if kind == "dict":
         return f"dict{{{len(node['keys'])}}}"
+    if depth >= 3:
+        return "..."
     name = kind if kind in ("list", "tuple") else node["class"].rpartition(":")[2]
     items = node["items"]
     inner = ", ".join(_summary(c, depth + 1) for c in items[:4])
