@@ -8,6 +8,8 @@ real subprocesses; write failures come from a read-only folder and ``RLIMIT_FSIZ
 from __future__ import annotations
 
 import collections
+import dataclasses
+import gc
 import json
 import os
 import re
@@ -43,6 +45,7 @@ from hkstore.errors import (
     CheckpointLockedError,
     CheckpointNotFoundError,
     CheckpointWarning,
+    DigestMismatchError,
     HkstoreError,
     IntegrityError,
     ManifestError,
@@ -567,6 +570,22 @@ def test_a_damaged_round_is_refused_by_restore_k_and_skipped_by_restore(
     assert r.round == 1 and same_bits(host(r.model), good)
 
 
+def test_a_damaged_pickle_member_is_refused_even_when_the_caller_gives_the_functions(
+    tmp_path: Path,
+) -> None:
+    model = MLP.build()
+    with Checkpointer(tmp_path, functions="pickle") as ckpt:
+        ckpt.save(model, 1)
+    path = tmp_path / "round-00000001" / "model.hkz"
+    with open_archive(path) as archive:
+        at = archive.members["functions.pkl.zst"].data_offset + 20
+    data = bytearray(path.read_bytes())
+    data[at] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(DigestMismatchError, match=r"functions\.pkl\.zst"):
+        Checkpointer(tmp_path).restore(1, **GIVEN)
+
+
 def test_a_changed_metric_in_an_unsigned_record_is_not_a_digest_failure(tmp_path: Path) -> None:
     """The record is the root of the digests: unsigned, a change to it that keeps it
     consistent is undetectable; signing it is what makes it tamper-evident (tested above)."""
@@ -668,14 +687,15 @@ def test_a_write_failure_mid_save_leaves_earlier_rounds_and_no_temp_folder(
 
 def test_background_save_writes_what_the_model_held_at_save_time(tmp_path: Path) -> None:
     model = MLP.build()
-    state = {"numpy": np.arange(4, dtype=np.float32), "jax": jnp.ones(3)}
+    # 32 MB of numpy state: the worker is still writing it when the caller changes it
+    state = {"numpy": np.arange(8 << 20, dtype=np.float32), "jax": jnp.ones(3)}
     with Checkpointer(tmp_path, background=True) as ckpt:
         expected_weights, expected_rng = host(model), model.rng_state
         expected_state = {"numpy": state["numpy"].copy(), "jax": state["jax"]}
         ckpt.save(model, 1, state=state)
-        for i in range(3):  # change everything right away, while the worker writes
+        state["numpy"] += 100  # change everything right away, while the worker writes
+        for i in range(3):
             step(model, seed=i)
-        state["numpy"] += 100
         ckpt.save(model, 2)
         ckpt.wait()
         assert ckpt.rounds() == [1, 2]
@@ -683,6 +703,29 @@ def test_background_save_writes_what_the_model_held_at_save_time(tmp_path: Path)
     assert same_bits(host(r.model), expected_weights) and r.model.rng_state == expected_rng
     assert not same_bits(host(r.model), host(model))
     assert same_bits(r.state, expected_state)
+
+
+def test_background_save_of_a_model_state_copies_its_numpy_weights(tmp_path: Path) -> None:
+    snapshot = MLP.build().export_state()
+    numpy_state = dataclasses.replace(
+        snapshot, weights={k: np.array(v) for k, v in snapshot.weights.items()})
+    expected = {k: v.copy() for k, v in numpy_state.weights.items()}
+    with Checkpointer(tmp_path, background=True) as ckpt:
+        ckpt.save(numpy_state, 1)
+        for value in numpy_state.weights.values():
+            value += 1.0  # the caller reuses its buffers right away
+        ckpt.wait()
+        got = host(ckpt.restore(**GIVEN).model)
+    assert same_bits(got, expected)
+
+
+def test_a_checkpointer_dropped_without_close_releases_its_lock(tmp_path: Path) -> None:
+    ckpt = Checkpointer(tmp_path)
+    ckpt.save(MLP.build(), 1)
+    del ckpt
+    gc.collect()
+    with Checkpointer(tmp_path) as again:
+        again.save(MLP.build(), 2)
 
 
 def _plant(folder: Path, n: int) -> None:

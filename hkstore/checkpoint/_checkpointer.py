@@ -10,6 +10,7 @@ module joins them to the model-state hook and to the caller's state.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import warnings
 from collections.abc import Callable, Mapping
@@ -123,7 +124,7 @@ class Checkpointer:
     The lock on the directory (one writer at a time, this process or another) is taken by
     the first ``save()`` and released by ``close()``; reading needs no lock. Opening the
     directory removes what an interrupted writer left (temp folders), unless another writer
-    holds the lock.
+    holds the lock. A Checkpointer is used from one thread at a time.
 
     Example:
         >>> with hkstore.Checkpointer("runs/exp1", keep_last=3) as ckpt:  # doctest: +SKIP
@@ -243,6 +244,10 @@ class Checkpointer:
             self._worker.join()
             self._raise_pending()
         snapshot = model if isinstance(model, ModelState) else _export(model)
+        if self._worker is not None:  # numpy arrays are mutable: the worker gets copies
+            snapshot = dataclasses.replace(snapshot, weights={
+                name: np.array(value) if isinstance(value, np.ndarray) else value
+                for name, value in snapshot.weights.items()})
         content = archive_content(snapshot, functions=self._functions)
         plain = _plain_metrics(metrics)
         flat = None if state is None else flatten_state(state, copy_numpy=self._worker is not None)
@@ -266,9 +271,13 @@ class Checkpointer:
         state = None
         if flat is not None:
             state = StateContent(specs=flat.specs, fetch=flat.host, structure=flat.structure)
-        write_round(self._dir, round_, content, state=state, metrics=metrics,
-                    retention=self._retention, signer=self._signer,
-                    compression=self._compression, overwrite=overwrite)
+        try:
+            write_round(self._dir, round_, content, state=state, metrics=metrics,
+                        retention=self._retention, signer=self._signer,
+                        compression=self._compression, overwrite=overwrite)
+        except BaseException:
+            self._metrics = rounds_metrics(self._dir)  # the round may have appeared anyway
+            raise
         assert self._metrics is not None
         self._metrics[round_] = metrics
         for number in self._retention.to_remove(self._metrics):

@@ -204,6 +204,15 @@ class RoundDirectory:
         except (FileNotFoundError, NotADirectoryError):
             raise CheckpointNotFoundError(f"{path}: no such file") from None
 
+    def read_history(self, round_: int) -> bytes | None:
+        """One round's history document, or ``None`` (missing, unreadable or oversized)."""
+        try:
+            with open(self.path / HISTORY_FOLDER / f"{round_:08d}.json", "rb") as handle:
+                data = handle.read(_MAX_HISTORY_BYTES + 1)
+        except OSError:
+            return None
+        return data if len(data) <= _MAX_HISTORY_BYTES else None
+
     def history(self) -> dict[int, bytes]:
         """The history documents, by round (unreadable or oversized ones are left out)."""
         folder = self.path / HISTORY_FOLDER
@@ -487,6 +496,10 @@ class WriterLock:
             return None
         finally:
             os.close(fd)
+
+    def __del__(self) -> None:  # a writer dropped without close() must not keep the lock
+        with contextlib.suppress(Exception):
+            self.release()
 
     @property
     def held(self) -> bool:

@@ -426,12 +426,23 @@ def round_history(
 
 def rounds_metrics(directory: RoundDirectory, *, limits: Limits = DEFAULT_LIMITS
                    ) -> dict[int, dict[str, Any]]:
-    """The metrics of every complete round (for retention and ``best``), from :func:`round_history`.
-
-    A complete round whose record does not read has no metrics (``{}``).
-    """
-    known = {entry.round: entry.metrics for entry in round_history(directory, limits=limits)}
-    return {number: known.get(number, {}) for number in directory.rounds()}
+    """The metrics of every complete round (for retention and ``best``): from its history
+    entry, else from its record; ``{}`` when neither reads. Only complete rounds are read."""
+    out: dict[int, dict[str, Any]] = {}
+    for number in directory.rounds():
+        data = directory.read_history(number)
+        try:
+            if data is not None:
+                out[number] = parse_history(data, where=f"history/{number:08d}.json",
+                                            expected_round=number).metrics
+                continue
+        except HkstoreError:
+            pass
+        try:
+            out[number] = open_round(directory, number, limits=limits).record.metrics
+        except (HkstoreError, OSError):
+            out[number] = {}
+    return out
 
 
 def reconcile_history(directory: RoundDirectory, *, limits: Limits = DEFAULT_LIMITS) -> list[int]:
