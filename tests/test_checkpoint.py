@@ -27,6 +27,7 @@ import numpy as np
 import optax
 import pytest
 from helpers_archives import flip_tensor_byte
+from helpers_cli import subprocess_env
 from helpers_models import (
     CASES,
     device_policy,
@@ -668,9 +669,8 @@ def test_a_write_failure_mid_save_leaves_earlier_rounds_and_no_temp_folder(
     """A real one: RLIMIT_FSIZE in a subprocess makes the state file's write fail (EFBIG)."""
     path = tmp_path / "ck"
     code = WRITER.format(tests=str(REPO / "tests"), path=str(path))
-    env = dict(os.environ, PYTHONPATH=str(REPO))
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                            env=env, timeout=120, check=False)
+                            env=subprocess_env(), timeout=120, check=False)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert lines[0].startswith("ERROR ") and ".tmp-round-00000002-" in lines[0], lines
@@ -815,9 +815,8 @@ def test_another_process_holding_the_lock_is_named_and_its_death_frees_it(
     tmp_path: Path,
 ) -> None:
     code = HOLDER.format(tests=str(REPO / "tests"), path=str(tmp_path))
-    env = dict(os.environ, PYTHONPATH=str(REPO))
     with subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
-                          env=env) as proc:
+                          env=subprocess_env()) as proc:
         try:
             assert proc.stdout is not None and proc.stdout.readline() == "holding\n"
             ckpt = Checkpointer(tmp_path)

@@ -8,12 +8,9 @@ shipped schemas.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import os
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,15 +18,14 @@ from typing import Any
 import numpy as np
 import pytest
 from helpers_archives import flip_tensor_byte
+from helpers_cli import cli, run_cli
 from helpers_models import CASES, device_policy
 
 from hkstore import Checkpointer
-from hkstore.cli import main
 from hkstore.errors import ManifestError
 from hkstore.store import HmacKey
 from hkstore.store._schema import validate
 
-REPO = Path(__file__).resolve().parents[1]
 MLP = CASES[0]
 
 
@@ -37,13 +33,6 @@ MLP = CASES[0]
 def _cpu_policy() -> Iterator[None]:
     with device_policy(gpu=False):
         yield
-
-
-def cli(*args: object) -> subprocess.CompletedProcess[str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main([str(a) for a in args])
-    return subprocess.CompletedProcess(list(args), code, out.getvalue(), err.getvalue())
 
 
 def validated(result: subprocess.CompletedProcess[str], schema: str) -> dict[str, Any]:
@@ -204,13 +193,10 @@ def test_verbs_on_directories_run_where_jax_and_haiku_cannot_be_imported(
         (blocker / name / "__init__.py").write_text(
             f"open({str(canary)!r}, 'a').write({name!r})\n"
             f"raise ImportError('{name} is blocked in this test')\n")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(blocker), str(REPO)]))
     for args in (["inspect", folder, "--json"], ["verify", folder, "--hmac-secret-file",
                                                   secret, "--require-signature"],
                  ["verify", folder / "round-00000002"]):
-        result = subprocess.run([sys.executable, "-m", "hkstore", *map(str, args)],
-                                capture_output=True, text=True, env=env, timeout=120,
-                                check=False)
+        result = run_cli(*args, pythonpath=[blocker])
         assert result.returncode == 0, (args, result.stderr)
     assert not canary.exists()
 

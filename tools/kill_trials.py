@@ -136,8 +136,11 @@ class _Writer:
     def __init__(self, mode: str, directory: Path, background: bool, seed: int) -> None:
         self.mode = mode
         if mode == "spawn":
+            import hkstore  # the writer imports the hkstore this process does
+
+            package = Path(hkstore.__file__).resolve().parents[1]
             env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join(
-                [str(REPO), str(REPO / "tools"), os.environ.get("PYTHONPATH", "")]))
+                [str(package), str(REPO / "tools"), os.environ.get("PYTHONPATH", "")]))
             cmd = [sys.executable, str(Path(__file__).resolve()), "--writer", str(directory),
                    "--seed", str(seed)] + (["--background"] if background else [])
             self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
