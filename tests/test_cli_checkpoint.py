@@ -209,3 +209,16 @@ def test_round_record_schema_is_what_the_writer_writes(run: Any) -> None:
     validate(entry, schema="checkpoint-history.v1.json", what="history")
     with pytest.raises(ManifestError):
         validate({**record, "round": -1}, schema="checkpoint-round.v1.json", what="round.json")
+
+
+def test_a_round_of_a_newer_version_exits_2_unless_another_round_failed(run: Any) -> None:
+    folder, _, weights = run
+    record = folder / "round-00000005" / "round.json"
+    record.write_bytes(record.read_bytes().replace(b'"version":1}', b'"version":2}'))
+    assert cli("verify", folder, "--round", 5).returncode == 2
+    result = cli("verify", folder, "--json")
+    assert result.returncode == 2
+    failed = [r["failed"] for r in json.loads(result.stdout)["rounds"] if r["failed"]]
+    assert [f["error"] for f in failed] == ["UnsupportedVersionError"]
+    flip_tensor_byte(folder / "round-00000004" / "model.hkz", weights["mlp/~/linear_1:w"])
+    assert cli("verify", folder).returncode == 1

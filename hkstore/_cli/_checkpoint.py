@@ -253,10 +253,11 @@ def verify_checkpoint(target: CheckpointTarget, trust: Trust) -> tuple[dict[str,
     numbers = directory.rounds() if target.rounds is None else target.rounds
     rounds = [_verify_round(directory, n, trust) for n in numbers]
     incomplete = directory.incomplete() if target.rounds is None else []
-    codes = [r.pop("exit_code") for r in rounds]
-    code = max(codes, default=ExitCode.OK)
-    if not numbers:
+    codes = {r.pop("exit_code") for r in rounds}
+    if ExitCode.CHECK_FAILED in codes or not numbers:
         code = ExitCode.CHECK_FAILED
+    else:  # 2 only when every failure is a round this reader cannot judge (a newer version)
+        code = ExitCode.USAGE if ExitCode.USAGE in codes else ExitCode.OK
     report = {
         "format": VERIFY_FORMAT,
         "version": REPORT_VERSION,
