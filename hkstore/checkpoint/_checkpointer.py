@@ -14,6 +14,7 @@ import dataclasses
 import os
 import warnings
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -430,11 +431,20 @@ class Checkpointer:
         found = open_round(self._dir, number, limits=DEFAULT_LIMITS)
         record = found.record
         record.check_signature(trust)
-        with found.open_model() as archive:
-            if archive.manifest.pickle is not None:
-                archive.pickle_globals()  # its digest and frame, even when not unpickled
-            snapshot = read_state(archive, model=model, loss=loss, trust=trust, verify=True)
-        tensors = found.read_state_tensors(verify=True)
+        # The state file is read (and every digest checked) on its own thread while this one
+        # reads the archive: each reader hashes one tensor per core at a time.
+        with ThreadPoolExecutor(1, thread_name_prefix="hkstore-state") as pool:
+            state_job = pool.submit(found.read_state_tensors, verify=True)
+            try:
+                with found.open_model() as archive:
+                    if archive.manifest.pickle is not None:
+                        archive.pickle_globals()  # its digest and frame, even if not unpickled
+                    snapshot = read_state(archive, model=model, loss=loss, trust=trust,
+                                          verify=True)
+            except BaseException:
+                state_job.cancel()
+                raise
+            tensors = state_job.result()
         restored = HaikuModel.from_state(snapshot)
         state = None
         if record.state is not None:
