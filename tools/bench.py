@@ -103,6 +103,7 @@ for _p in (str(TOOLS), str(REPO)):  # bench_models, and hkstore from this checko
 
 import bench_checkpoint  # noqa: E402
 import bench_models  # noqa: E402
+from bench_memory import proc_status, reset_peak  # noqa: E402
 
 RATIO_KEYS = (
     "save_vs_safetensors",
@@ -272,18 +273,6 @@ def quiet() -> Iterator[None]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         yield
-
-
-def proc_status(key: str) -> int:
-    """A ``/proc/self/status`` memory figure in bytes (0 when unavailable)."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
 
 
 def machine_description() -> dict[str, Any]:
@@ -939,12 +928,7 @@ def rss_child(kind: str, path: Path, widths: list[int]) -> int:
         print(f"unknown kind {kind}", file=sys.stderr)
         return 2
     gc.collect()
-    method = "clear_refs"
-    try:
-        with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
-            f.write("5")  # reset VmHWM to the current RSS
-    except OSError:
-        method = "VmHWM (not reset)"
+    method = reset_peak()
     baseline = proc_status("VmRSS")
     result = load()
     block(result)

@@ -55,6 +55,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_models
+from bench_memory import proc_status, reset_peak
 
 DATA_INFO = {"data_type": "float32", "features_shape": (bench_models.FEATURES,)}
 CASES = ("hk_save", "hk_save_background", "orbax_save", "hk_restore", "orbax_restore")
@@ -311,14 +312,6 @@ def background_rss(params: int, work: Path) -> dict[str, Any]:
     return dict(json.loads(lines[-1]))
 
 
-def _status(key: str) -> int:
-    with open("/proc/self/status", encoding="ascii") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
 def rss_child(folder: Path, params: int) -> int:
     """Child: build the model and state, then one background save; print the RSS figures."""
     quiet = _quiet()
@@ -329,16 +322,11 @@ def rss_child(folder: Path, params: int) -> int:
     weights = 4 * bench_models.param_count(widths)
     ckpt = Checkpointer(folder, functions="none", background=True)
     gc.collect()
-    method = "clear_refs"
-    try:
-        with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
-            f.write("5")  # reset VmHWM to the current RSS
-    except OSError:
-        method = "VmHWM (not reset)"
-    baseline = _status("VmRSS")
+    method = reset_peak()
+    baseline = proc_status("VmRSS")
     ckpt.save(model, 1, state=state)
     ckpt.wait()
-    peak = _status("VmHWM")
+    peak = proc_status("VmHWM")
     ckpt.close()
     shutil.rmtree(folder, ignore_errors=True)
     print(json.dumps({"baseline_rss": baseline, "peak_rss": peak,
