@@ -9,9 +9,12 @@ to ``--params`` float32 parameters (an hkstore ``HaikuModel``), and an optax Ada
 one update on random gradients (``mu`` and ``nu`` hold random floats, as after training: a
 fresh Adam state is all zeros, which Orbax's default zstd compression would shrink to nothing).
 Every round runs each case once, in rotating order; figures are medians in milliseconds, with
-every sample kept. Files go to tmpfs (``/dev/shm``) unless ``--tmpdir`` says otherwise, so the
-figures are CPU costs: hkstore fsyncs every file and folder, Orbax fsyncs nothing, and on a
-disk that difference is hkstore's to pay.
+every sample kept, and the CPU time of the process (all threads) next to the wall time. On a
+shared machine the wall times move with the load; ``extra_ratios`` adds the per-round ratios
+(both cases of a round ran under the same load) and the ratio of median CPU times. Files go
+to tmpfs (``/dev/shm``) unless ``--tmpdir`` says otherwise, so the figures are CPU costs:
+hkstore fsyncs every file and folder, Orbax fsyncs nothing, and on a disk that difference is
+hkstore's to pay.
 
 Cases:
 
@@ -39,6 +42,7 @@ import functools
 import gc
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -59,6 +63,17 @@ from bench_memory import proc_status, reset_peak
 
 DATA_INFO = {"data_type": "float32", "features_shape": (bench_models.FEATURES,)}
 CASES = ("hk_save", "hk_save_background", "orbax_save", "hk_restore", "orbax_restore")
+
+
+def _clock() -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process: every thread, user + system)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return time.perf_counter(), usage.ru_utime + usage.ru_stime
+
+
+def _since(start: tuple[float, float]) -> tuple[float, float]:
+    wall, cpu = _clock()
+    return wall - start[0], cpu - start[1]
 
 
 def _quiet() -> Any:
@@ -135,12 +150,12 @@ class Bench:
 
         folder = self._fresh("hk")
         ckpt = Checkpointer(folder, functions="none")
-        t0 = time.perf_counter()
+        start = _clock()
         ckpt.save(self.model, 1, state=self.state, metrics={"loss": 0.5})
-        dt = time.perf_counter() - t0
+        wall, cpu = _since(start)
         ckpt.close()
         self._keep("hk_dir", folder)
-        return {"hk_save": dt}
+        return {"hk_save": wall, "hk_save_cpu": cpu}
 
     def hk_save_background(self) -> dict[str, float]:
         from hkstore import Checkpointer
@@ -161,14 +176,14 @@ class Bench:
 
         assert self.hk_dir is not None
         ckpt = Checkpointer(self.hk_dir)
-        t0 = time.perf_counter()
+        start = _clock()
         got = ckpt.restore(model=self.fn, loss=bench_models.mse, state_like=self.state)
         self.jax.block_until_ready((got.model.get_weights().coefs, got.state))
-        dt = time.perf_counter() - t0
+        wall, cpu = _since(start)
         if check:
             assert _bits(got.model.get_weights().coefs) == _bits(self.weights), "hk weights"
             assert _bits(got.state) == _bits(self.state), "hk state"
-        return {"hk_restore": dt}
+        return {"hk_restore": wall, "hk_restore_cpu": cpu}
 
     # -- Orbax ---------------------------------------------------------------------------
 
@@ -178,14 +193,14 @@ class Bench:
         manager = ocp.CheckpointManager(folder)
         args = ocp.args.Composite(params=ocp.args.StandardSave(self.weights),
                                   opt_state=ocp.args.StandardSave(self.state))
-        t0 = time.perf_counter()
+        start = _clock()
         manager.save(1, args=args)
-        t1 = time.perf_counter()
+        block = time.perf_counter() - start[0]
         manager.wait_until_finished()
-        t2 = time.perf_counter()
+        wall, cpu = _since(start)
         manager.close()
         self._keep("orbax_dir", folder)
-        return {"orbax_save": t2 - t0, "orbax_save_block": t1 - t0}
+        return {"orbax_save": wall, "orbax_save_block": block, "orbax_save_cpu": cpu}
 
     def orbax_restore(self, check: bool = False) -> dict[str, float]:
         ocp = self.ocp
@@ -194,15 +209,15 @@ class Bench:
         abstract = functools.partial(self.jax.tree_util.tree_map, ocp.utils.to_shape_dtype_struct)
         args = ocp.args.Composite(params=ocp.args.StandardRestore(abstract(self.weights)),
                                   opt_state=ocp.args.StandardRestore(abstract(self.state)))
-        t0 = time.perf_counter()
+        start = _clock()
         got = manager.restore(1, args=args)
         self.jax.block_until_ready((got.params, got.opt_state))
-        dt = time.perf_counter() - t0
+        wall, cpu = _since(start)
         manager.close()
         if check:
             assert _bits(got.params) == _bits(self.weights), "orbax params"
             assert _bits(got.opt_state) == _bits(self.state), "orbax state"
-        return {"orbax_restore": dt}
+        return {"orbax_restore": wall, "orbax_restore_cpu": cpu}
 
     def _keep(self, attr: str, folder: Path) -> None:
         """Keep the newest checkpoint of a kind for the restore cases; drop the older one."""
@@ -258,6 +273,7 @@ def bench_checkpoint(params: int, reps: int, work: Path, *, rss: bool = True,
     for name, v in samples.items():
         log(f"  {name:<26}{medians[name]:9.1f} ms   (samples {', '.join(f'{x:.0f}' for x in v)})")
     result: dict[str, Any] = {
+        "extra_ratios": extra_ratios(samples),
         "params": nparams,
         "weights_bytes": 4 * nparams,
         "state_bytes": state_bytes,
@@ -282,6 +298,21 @@ def bench_checkpoint(params: int, reps: int, work: Path, *, rss: bool = True,
         else:
             log(f"  peak RSS: SKIP {fig.get('skipped')}")
     return result
+
+
+def extra_ratios(samples: dict[str, list[float]]) -> dict[str, Any]:
+    """Figures that resist a busy machine: per-round ratios (both cases ran in the same round,
+    under the same load; median, min, max) and the ratio of median CPU times."""
+    out: dict[str, Any] = {}
+    for name, (a, b) in {"save_vs_orbax": ("hk_save", "orbax_save"),
+                         "restore_vs_orbax": ("hk_restore", "orbax_restore")}.items():
+        if a in samples and b in samples:
+            per_round = [x / y for x, y in zip(samples[a], samples[b], strict=True)]
+            out[f"{name}_per_round"] = {"median": statistics.median(per_round),
+                                        "min": min(per_round), "max": max(per_round)}
+            out[f"{name}_cpu"] = (statistics.median(samples[f"{a}_cpu"])
+                                  / statistics.median(samples[f"{b}_cpu"]))
+    return out
 
 
 def ratios(result: dict[str, Any] | None) -> dict[str, float | None]:
@@ -361,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(work, ignore_errors=True)
     result["ratios"] = ratios(result)
     result["command"] = " ".join([Path(sys.argv[0]).name, *(argv or sys.argv[1:])])
-    print(json.dumps(result["ratios"], indent=1))
+    print(json.dumps({**result["ratios"], **result["extra_ratios"]}, indent=1))
     if args.json:
         args.json.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
     return 0
