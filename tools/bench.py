@@ -1224,12 +1224,7 @@ def grad_rss_child(what: str) -> int:
 
     block(step())
     gc.collect()
-    method = "clear_refs"
-    try:
-        with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
-            f.write("5")
-    except OSError:
-        method = "unavailable"
+    method = reset_peak()
     baseline = proc_status("VmRSS")
     block(step())
     peak = proc_status("VmHWM")
