@@ -303,7 +303,9 @@ def test_verify_names_every_tampered_tensor(archive: Path) -> None:
     flip_tensor_byte(archive, tensors["mlp/~/linear_0:w"])
     flip_tensor_byte(archive, tensors["mlp/~/linear_1:b"])
     failed = validated(cli("verify", archive, "--json"), "cli-verify.v1.json")["failed"]
-    assert failed["message"].startswith("2 tensors do not match their SHA-256 digest")
+    assert failed["message"].startswith(
+        "weights.safetensors: 2 tensor(s) do not match their BLAKE3 digest"
+    )
     assert "'mlp/~/linear_0:w'" in failed["message"]
     assert "'mlp/~/linear_1:b'" in failed["message"]
 

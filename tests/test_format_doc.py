@@ -107,7 +107,9 @@ def test_worked_example_weights_and_manifest_agree() -> None:
     assert {e.name: (e.dtype, e.shape) for e in entries} == {
         t.name: (t.dtype, t.shape) for t in manifest.tensors
     }
-    arrays = WeightsReader(weights).read_all(manifest.digests)
+    arrays = WeightsReader(weights).read_all(
+        manifest.digests, algorithm=manifest.digest_algorithm
+    )
     assert arrays["lin:w"].tolist() == [[0.0, 1.0, 2.0], [3.0, 4.0, 5.0]]
     assert arrays["lin:b"].shape == (0,)
     assert arrays["s"].shape == () and bool(arrays["s"])

@@ -28,6 +28,7 @@ from hkstore.errors import (
     WeightsFormatError,
     WeightsMismatchError,
 )
+from hkstore.store._digests import digest_hex
 from hkstore.store._dtypes import DTYPES, code_for_dtype
 from hkstore.store._limits import Limits
 from hkstore.store._weights import (
@@ -117,12 +118,12 @@ def test_round_trip_every_dtype(code: str) -> None:
     }
     member, written = write_member(arrays)
     reader = WeightsReader(member, 0, len(member))
-    loaded = reader.read_all(written.tensor_sha256)
+    loaded = reader.read_all(written.tensor_digests)
     assert list(loaded) == list(arrays)
     for name, array in arrays.items():
         assert same(loaded[name], array), name
-        assert written.tensor_sha256[name] == hashlib.sha256(array.tobytes()).hexdigest()
-        assert same(reader.tensor(name, expected_sha256=written.tensor_sha256[name]), array)
+        assert written.tensor_digests[name] == digest_hex("blake3", array.tobytes())
+        assert same(reader.tensor(name, expected=written.tensor_digests[name]), array)
 
 
 names = st.text(st.characters(exclude_categories=["Cs"]), max_size=12).filter(
@@ -145,7 +146,7 @@ def test_round_trip_random(layout: dict[str, tuple[str, tuple[int, ...], int]]) 
     _, header_size, header = parse_header(member)
     assert header_size % 64 == 0 and header == member[:header_size]
     assert written.header_sha256 == hashlib.sha256(header).hexdigest()
-    loaded = WeightsReader(member).read_all(written.tensor_sha256, workers=3)
+    loaded = WeightsReader(member).read_all(written.tensor_digests, workers=3)
     nonempty = [name for name, array in arrays.items() if array.size]
     assert [name for name in loaded if loaded[name].size] == nonempty  # data order = spec order
     assert sorted(loaded) == sorted(arrays)
@@ -156,7 +157,7 @@ def test_write_makes_input_contiguous_and_checks_it() -> None:
     base = random_array("F64", (6, 8), 4)
     arrays = {"fortran": np.asfortranarray(base), "strided": base[::2, ::3]}
     member, written = write_member(arrays)
-    loaded = WeightsReader(member).read_all(written.tensor_sha256)
+    loaded = WeightsReader(member).read_all(written.tensor_digests)
     assert np.array_equal(loaded["fortran"], base) and np.array_equal(
         loaded["strided"], base[::2, ::3]
     )
@@ -234,7 +235,7 @@ def test_we_read_what_the_safetensors_library_writes(tmp_path: Path) -> None:
     try:
         reader = WeightsReader(fd)
         digests = {k: hashlib.sha256(v.tobytes()).hexdigest() for k, v in arrays.items()}
-        loaded = reader.read_all(digests)
+        loaded = reader.read_all(digests, algorithm="sha256")
     finally:
         os.close(fd)
     for name, array in arrays.items():
@@ -252,13 +253,13 @@ def test_fd_bytes_and_mmap_sources_give_identical_aligned_owned_arrays(tmp_path:
     path = tmp_path / "archive.bin"
     path.write_bytes(prefix + member + b"tail")
     with open(path, "rb") as f:
-        by_fd = WeightsReader(f.fileno(), len(prefix), len(member)).read_all(written.tensor_sha256)
+        by_fd = WeightsReader(f.fileno(), len(prefix), len(member)).read_all(written.tensor_digests)
         with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
             with WeightsReader(mm, len(prefix), len(member)) as reader:
-                by_mmap = reader.read_all(written.tensor_sha256, workers=1)
+                by_mmap = reader.read_all(written.tensor_digests, workers=1)
             del reader
     source = bytearray(prefix + member)
-    by_bytes = WeightsReader(source, len(prefix), len(member)).read_all(written.tensor_sha256)
+    by_bytes = WeightsReader(source, len(prefix), len(member)).read_all(written.tensor_digests)
     for name, array in SAMPLE.items():
         for loaded in (by_fd, by_mmap, by_bytes):
             got = loaded[name]
@@ -277,7 +278,7 @@ def test_tensor_reads_only_its_own_bytes() -> None:
     other = next(e for e in entries if e.name == "dense:b")
     corrupt[start + other.begin] ^= 0xFF
     reader = WeightsReader(bytes(corrupt))
-    got = reader.tensor("dense:w", expected_sha256=written.tensor_sha256["dense:w"])
+    got = reader.tensor("dense:w", expected=written.tensor_digests["dense:w"])
     assert same(got, SAMPLE["dense:w"])
     with pytest.raises(WeightsMismatchError, match="no tensor named 'nope'"):
         reader.tensor("nope")
@@ -292,21 +293,21 @@ def test_read_all_names_every_tensor_whose_digest_mismatches() -> None:
         flipped[start + entry.end - 1] ^= 0x01  # BOOL True (1) becomes 0: still a valid bool
     reader = WeightsReader(bytes(flipped))
     with pytest.raises(DigestMismatchError) as info:
-        reader.read_all(written.tensor_sha256)
+        reader.read_all(written.tensor_digests)
     loaded = WeightsReader(bytes(flipped)).read_all(None)
-    actual = {k: hashlib.sha256(v.tobytes()).hexdigest() for k, v in loaded.items()}
+    actual = {k: digest_hex("blake3", v.tobytes()) for k, v in loaded.items()}
     assert str(info.value) == (
-        f"{M}: 2 tensor(s) do not match their SHA-256 digest:\n"
-        f"  'dense:w': expected {written.tensor_sha256['dense:w']}, got {actual['dense:w']}\n"
-        f"  'flag': expected {written.tensor_sha256['flag']}, got {actual['flag']}"
+        f"{M}: 2 tensor(s) do not match their BLAKE3 digest:\n"
+        f"  'dense:w': expected {written.tensor_digests['dense:w']}, got {actual['dense:w']}\n"
+        f"  'flag': expected {written.tensor_digests['flag']}, got {actual['flag']}"
     )
     with pytest.raises(DigestMismatchError, match="'flag': expected"):
-        reader.tensor("flag", expected_sha256=written.tensor_sha256["flag"])
+        reader.tensor("flag", expected=written.tensor_digests["flag"])
 
 
 def test_read_all_refuses_digests_for_other_tensors() -> None:
     member, written = write_member(SAMPLE)
-    expected = dict(written.tensor_sha256)
+    expected = dict(written.tensor_digests)
     del expected["flag"]
     expected["ghost"] = "0" * 64
     with pytest.raises(WeightsFormatError) as info:
@@ -350,7 +351,7 @@ def test_source_shorter_than_declared_and_file_shrinking_under_the_reader(tmp_pa
         reader = WeightsReader(fd, 0, len(member))
         os.truncate(path, len(member) - 3)
         with pytest.raises(WeightsFormatError, match=r"truncated: the file ended at member byte"):
-            reader.read_all(written.tensor_sha256)
+            reader.read_all(written.tensor_digests)
     finally:
         os.close(fd)
 
@@ -360,7 +361,7 @@ def test_many_small_tensors_and_a_few_large_ones() -> None:
     arrays.update({f"large/{i}": random_array("F16", (50_000 * (i + 1),), i) for i in range(3)})
     member, written = write_member(arrays)
     reader = WeightsReader(member)
-    loaded = reader.read_all(written.tensor_sha256)
+    loaded = reader.read_all(written.tensor_digests)
     assert list(loaded) == list(reader.entries) and sorted(loaded) == sorted(arrays)
     assert all(same(loaded[k], v) for k, v in arrays.items())
 
@@ -719,7 +720,7 @@ def test_read_all_of_a_multi_mib_member_checks_every_digest_on_any_thread_count(
         "other:w": -np.arange(300_000, dtype=np.float32),
     }
     member, written = write_member(arrays)
-    loaded = WeightsReader(member).read_all(written.tensor_sha256, workers=workers)
+    loaded = WeightsReader(member).read_all(written.tensor_digests, workers=workers)
     assert all(same(loaded[name], value) for name, value in arrays.items())
     entries, start, _ = parse_header(member)
     flipped = bytearray(member)
@@ -727,4 +728,4 @@ def test_read_all_of_a_multi_mib_member_checks_every_digest_on_any_thread_count(
         entry = next(e for e in entries if e.name == name)
         flipped[start + entry.begin + 12345] ^= 0x10
     with pytest.raises(DigestMismatchError, match=r"2 tensor\(s\) do not match"):
-        WeightsReader(bytes(flipped)).read_all(written.tensor_sha256, workers=workers)
+        WeightsReader(bytes(flipped)).read_all(written.tensor_digests, workers=workers)

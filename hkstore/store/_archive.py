@@ -14,7 +14,6 @@ import io
 import mmap
 import os
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
@@ -27,6 +26,7 @@ from hkstore.errors import (
 )
 from hkstore.store import _zstd
 from hkstore.store._container import ContainerWriter, MemberInfo, read_container
+from hkstore.store._digests import DEFAULT as DEFAULT_DIGEST
 from hkstore.store._functions import pickle_runtime
 from hkstore.store._gate import ROLES, resolve_functions
 from hkstore.store._limits import DEFAULT_LIMITS, Limits
@@ -39,6 +39,7 @@ from hkstore.store._signing import (
     verify_manifest_signature,
 )
 from hkstore.store._trust import Trust
+from hkstore.store._workers import resolve_workers
 
 if TYPE_CHECKING:
     import numpy as np
@@ -49,9 +50,6 @@ if TYPE_CHECKING:
 # opening an archive for its manifest (`hkstore inspect`) does not pay for them (~90 ms).
 
 __all__ = ["Archive", "ArchiveContent", "VerifyReport", "open_archive", "write_archive"]
-
-#: tensors are hashed in batches of about this many bytes by :meth:`Archive.check_digests`
-_VERIFY_BATCH_BYTES = 8 << 20
 
 
 
@@ -92,6 +90,8 @@ def write_archive(
     *,
     signer: Signer | None = None,
     compression: str | None = None,
+    workers: int | None = None,
+    digest: str = DEFAULT_DIGEST,
 ) -> Manifest:
     """Write a complete archive to the seekable binary ``fileobj`` (at position 0).
 
@@ -100,13 +100,17 @@ def write_archive(
         content: what to store.
         signer: signs the canonical manifest when given (``signature.json``).
         compression: ``None`` (weights stored raw, memory-mappable) or ``"zstd"``.
+        workers: hashing threads; ``None`` for every core the process may use.
+        digest: the tensor-digest algorithm, ``"blake3"`` (default) or ``"sha256"`` (what
+            hkstore 0.1 wrote, and reads).
 
     Returns:
         The manifest written.
 
     Raises:
         UnsupportedDtypeError, WeightsMismatchError: a fetched tensor disagrees with its spec.
-        ValueError: ``compression`` is not ``None`` or ``"zstd"``.
+        ValueError: ``compression`` is not ``None`` or ``"zstd"``, ``digest`` is not in the
+            digest table, or ``workers`` is below 1.
     """
     from hkstore.store._weights import write_weights
 
@@ -115,7 +119,9 @@ def write_archive(
     writer = ContainerWriter(fileobj)
     if compression is None:
         stream = writer.begin_member(WEIGHTS, align=64, compute_crc=False)
-        written = write_weights(stream, content.specs, content.fetch)
+        written = write_weights(
+            stream, content.specs, content.fetch, workers=workers, digest=digest
+        )
         info = stream.finish(crc32=written.crc32)
         weights_record: dict[str, Any] = {
             "member": WEIGHTS,
@@ -124,7 +130,7 @@ def write_archive(
             "compression": None,
         }
     else:
-        weights_record, written = _write_compressed_weights(writer, content)
+        weights_record, written = _write_compressed_weights(writer, content, workers, digest)
     pickle_record = None
     if content.pickle_blob is not None:
         writer.add_member(FUNCTIONS, content.pickle_blob)
@@ -141,7 +147,7 @@ def write_archive(
         seed=content.seed,
         tensors=[
             {"name": s.name, "dtype": s.dtype, "shape": list(s.shape),
-             "sha256": written.tensor_sha256[s.name]}
+             written.digest: written.tensor_digests[s.name]}
             for s in content.specs
         ],
         trainable=list(content.trainable),
@@ -160,7 +166,7 @@ def write_archive(
 
 
 def _write_compressed_weights(
-    writer: ContainerWriter, content: ArchiveContent
+    writer: ContainerWriter, content: ArchiveContent, workers: int | None, digest: str
 ) -> tuple[dict[str, Any], Any]:
     import numpy as np
 
@@ -172,7 +178,9 @@ def _write_compressed_weights(
     )
     stream = writer.begin_member(WEIGHTS_ZSTD, align=1)
     compressor = _zstd.stream_writer(stream, raw_size=raw_size)
-    written = write_weights(compressor, content.specs, content.fetch)
+    written = write_weights(
+        compressor, content.specs, content.fetch, workers=workers, digest=digest
+    )
     frame = compressor.finish()
     stream.finish()
     record = {
@@ -216,8 +224,9 @@ class Archive:
     """
 
     def __init__(self, source: str | os.PathLike[str] | bytes | bytearray | memoryview,
-                 *, limits: Limits = DEFAULT_LIMITS) -> None:
+                 *, limits: Limits = DEFAULT_LIMITS, workers: int | None = None) -> None:
         self.limits = limits
+        self.workers = None if workers is None else resolve_workers(workers)
         self._file: BinaryIO | None = None
         self._mmap: mmap.mmap | None = None
         self._fd: int | None = None
@@ -360,6 +369,8 @@ class Archive:
     def tensor(self, name: str, *, verify: bool = True) -> np.ndarray:
         """Read one tensor (only its bytes), checking its digest unless ``verify=False``.
 
+        A big tensor is copied (and, with BLAKE3, hashed) on :attr:`workers` threads.
+
         Raises:
             KeyError: ``name`` is not in the archive.
             DigestMismatchError: the tensor's bytes do not match the manifest.
@@ -368,12 +379,28 @@ class Archive:
         if name not in digests:
             raise KeyError(f"tensor {name!r} is not in the archive")
         reader = self._weights_reader()
-        return reader.tensor(name, expected_sha256=digests[name] if verify else None)
+        return reader.tensor(
+            name,
+            expected=digests[name] if verify else None,
+            algorithm=self.manifest.digest_algorithm,
+            workers=self.workers,
+        )
 
-    def read_weights(self, *, verify: bool = True) -> dict[str, np.ndarray]:
-        """Read every tensor into fresh 64-byte-aligned buffers, digests checked by default."""
+    def read_weights(
+        self, *, verify: bool = True, workers: int | None = None
+    ) -> dict[str, np.ndarray]:
+        """Read every tensor into fresh 64-byte-aligned buffers, digests checked by default.
+
+        Args:
+            verify: check every tensor's digest (with the manifest's algorithm).
+            workers: threads; default :attr:`workers` (``None``: every available core).
+        """
         reader = self._weights_reader()
-        return reader.read_all(self._tensor_digests() if verify else None)
+        return reader.read_all(
+            self._tensor_digests() if verify else None,
+            algorithm=self.manifest.digest_algorithm,
+            workers=self.workers if workers is None else workers,
+        )
 
     def _tensor_digests(self) -> dict[str, str]:
         # built once: tensor() is called per tensor, and rebuilding this per call made
@@ -463,68 +490,29 @@ class Archive:
         )
 
     def check_digests(
-        self, *, progress: Callable[[int], None] | None = None, workers: int = 2
+        self, *, progress: Callable[[int], None] | None = None, workers: int | None = None
     ) -> int:
-        """Check every tensor's SHA-256 without holding the model in memory; return bytes read.
+        """Check every tensor's digest without holding the model in memory; return bytes read.
 
-        Tensors are read in order, in batches of about 8 MiB (a bigger tensor alone), on
-        ``workers`` threads with at most ``2 * workers`` batches in flight, and dropped once
-        hashed. Every mismatch is collected before raising.
+        Tensors are read through a small buffer per thread on ``workers`` threads and dropped
+        once hashed (see :meth:`WeightsReader.check_digests`). Every mismatch is collected
+        before raising.
 
         Args:
-            progress: called with the byte count of each batch once it is checked.
-            workers: hashing threads.
+            progress: called with the byte count of each tensor or batch once it is checked.
+            workers: threads; default :attr:`workers` (``None``: every available core).
 
         Raises:
             DigestMismatchError: naming every tensor whose bytes differ from the manifest.
-            WeightsFormatError: the safetensors header disagrees with the manifest.
+            WeightsFormatError: the safetensors header disagrees with the manifest, or a BOOL
+                byte is neither 0 nor 1.
         """
-        entries = self._weights_reader().entries
-        names = self.names()
-        batches: list[list[str]] = [[]]
-        size = 0
-        for name in names:
-            if size >= _VERIFY_BATCH_BYTES:
-                batches.append([])
-                size = 0
-            batches[-1].append(name)
-            size += entries[name].nbytes
-        bad: list[DigestMismatchError] = []
-        done = 0
-
-        def collect(item: tuple[list[str], Future[list[DigestMismatchError]]]) -> None:
-            nonlocal done
-            bad.extend(item[1].result())
-            nbytes = sum(entries[name].nbytes for name in item[0])
-            done += nbytes
-            if progress is not None:
-                progress(nbytes)
-
-        with ThreadPoolExecutor(workers, thread_name_prefix="hkstore-verify") as pool:
-            pending: list[tuple[list[str], Future[list[DigestMismatchError]]]] = []
-            for batch in (b for b in batches if b):
-                pending.append((batch, pool.submit(self._check_batch, batch)))
-                if len(pending) >= 2 * workers:
-                    collect(pending.pop(0))
-            for item in pending:
-                collect(item)
-        if len(bad) == 1:
-            raise bad[0]
-        if bad:
-            raise DigestMismatchError(
-                f"{len(bad)} tensors do not match their SHA-256 digest:\n"
-                + "\n".join(str(exc) for exc in bad)
-            )
-        return done
-
-    def _check_batch(self, names: list[str]) -> list[DigestMismatchError]:
-        bad = []
-        for name in names:
-            try:
-                self.tensor(name, verify=True)
-            except DigestMismatchError as exc:
-                bad.append(exc)
-        return bad
+        return self._weights_reader().check_digests(
+            self._tensor_digests(),
+            algorithm=self.manifest.digest_algorithm,
+            workers=self.workers if workers is None else workers,
+            progress=progress,
+        )
 
     def pickle_globals(self) -> list[str]:
         """List the globals the function pickle would import, statically; never unpickles.
@@ -638,12 +626,15 @@ def open_archive(
     source: str | os.PathLike[str] | bytes | bytearray | memoryview,
     *,
     limits: Limits = DEFAULT_LIMITS,
+    workers: int | None = None,
 ) -> Archive:
     """Open an archive lazily: container, manifest and member sizes checked; no tensor read.
 
     Args:
         source: a path, or the archive's bytes.
         limits: size and count limits for untrusted input.
+        workers: threads for reading and hashing tensors; ``None`` for every core the
+            process may use (``os.sched_getaffinity``).
 
     Returns:
         An :class:`Archive` (a context manager).
@@ -655,7 +646,7 @@ def open_archive(
         >>> with open_archive("round-3.hkz") as ar:  # doctest: +SKIP
         ...     ar.names()[:2], ar.manifest.data_info
     """
-    return Archive(source, limits=limits)
+    return Archive(source, limits=limits, workers=workers)
 
 
 def archive_bytes_writer() -> io.BytesIO:

@@ -27,6 +27,7 @@ from typing import Any, NotRequired, TypedDict
 from hkstore._version import __version__
 from hkstore.errors import LimitExceededError, ManifestError, UnsupportedVersionError
 from hkstore.store._canonical import canonical_json, json_path, parse_json_strict
+from hkstore.store._digests import ALGORITHMS as DIGEST_ALGORITHMS
 from hkstore.store._functions import current_runtime
 from hkstore.store._limits import DEFAULT_LIMITS, Limits
 from hkstore.store._records import (
@@ -157,8 +158,16 @@ class Manifest:
 
     @property
     def digests(self) -> dict[str, str]:
-        """Tensor name -> SHA-256 of its data."""
-        return {t.name: t.sha256 for t in self.tensors}
+        """Tensor name -> hex digest of its data (with :attr:`digest_algorithm`)."""
+        return {t.name: t.digest for t in self.tensors}
+
+    @property
+    def digest_algorithm(self) -> str:
+        """The tensors' digest algorithm (``"sha256"`` or ``"blake3"``; one per manifest).
+
+        ``"sha256"`` when there are no tensors (nothing is hashed then).
+        """
+        return self.tensors[0].algorithm if self.tensors else "sha256"
 
     def problems(self) -> list[str]:
         """Every broken cross-field rule, as messages ``"<json path>: <what is wrong>"``."""
@@ -177,6 +186,21 @@ class Manifest:
                 )
             else:
                 first[tensor.name] = i
+        for i, tensor in enumerate(self.tensors):
+            if tensor.algorithm not in DIGEST_ALGORITHMS:
+                out.append(
+                    f"{json_path(['tensors', i])}: digest algorithm {tensor.algorithm!r} is not "
+                    f"one of {', '.join(DIGEST_ALGORITHMS)}"
+                )
+        algorithms = sorted({t.algorithm for t in self.tensors})
+        if len(algorithms) > 1:
+            uses = {a: next(i for i, t in enumerate(self.tensors) if t.algorithm == a)
+                    for a in algorithms}
+            out.append(
+                "$.tensors: every tensor must use the same digest algorithm, found "
+                + " and ".join(f"{a!r} (first at {json_path(['tensors', i])})"
+                               for a, i in uses.items())
+            )
         last = -1
         seen: set[str] = set()
         for i, name in enumerate(self.trainable):

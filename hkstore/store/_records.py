@@ -17,6 +17,7 @@ from typing import Any, ClassVar, Literal, NotRequired, TypedDict, TypeVar
 
 from hkstore.errors import ArchiveFormatError, ConfigError, ManifestError
 from hkstore.store._canonical import canonical_json, json_path
+from hkstore.store._digests import ALGORITHMS as DIGEST_ALGORITHMS
 from hkstore.store._functions import FUNCTION_KINDS, FunctionKind
 from hkstore.store._members import FUNCTIONS, MANIFEST, WEIGHTS, WEIGHTS_ZSTD
 from hkstore.store._schema import load_schema
@@ -107,7 +108,8 @@ class TensorJSON(TypedDict):
     name: str
     dtype: str
     shape: list[int]
-    sha256: str
+    sha256: NotRequired[str]
+    blake3: NotRequired[str]
 
 
 class FunctionJSON(TypedDict):
@@ -300,17 +302,23 @@ class WriterInfo:
 
 @dataclass(frozen=True)
 class TensorRecord:
-    """One tensor of the weights member: name, safetensors dtype code, shape, data digest."""
+    """One tensor of the weights member: name, safetensors dtype code, shape, data digest.
+
+    ``algorithm`` names the digest's hash: the tensor object's key for it (``"sha256"`` or
+    ``"blake3"``, from the digest table ``_digests.ALGORITHMS``), so the choice is signed
+    with the manifest.
+    """
 
     name: str
     dtype: str
     shape: tuple[int, ...]
-    sha256: str
+    digest: str
+    algorithm: str = "sha256"
 
     @classmethod
     def from_dict(cls, value: Any, path: JsonPath) -> TensorRecord:
         """Parse one ``$.tensors[i]``; raises :class:`ManifestError` naming the field."""
-        d = expect_object(value, path, ("name", "dtype", "shape", "sha256"))
+        d = expect_object(value, path, ("name", "dtype", "shape"), DIGEST_ALGORITHMS)
         dtype = expect_str(d["dtype"], [*path, "dtype"])
         if dtype not in _dtype_codes():
             raise field_error(
@@ -321,18 +329,30 @@ class TensorRecord:
         shape = d["shape"]
         if not isinstance(shape, list):
             raise field_error([*path, "shape"], f"expected an array, got {type(shape).__name__}")
+        found = [key for key in DIGEST_ALGORITHMS if key in d]
+        if len(found) != 1:
+            raise field_error(
+                path,
+                f"expected exactly one digest field (one of "
+                f"{', '.join(map(repr, DIGEST_ALGORITHMS))}), got "
+                + (", ".join(map(repr, found)) if found else "none"),
+            )
+        algorithm = found[0]
         return cls(
             name=expect_str(d["name"], [*path, "name"]),
             dtype=dtype,
             shape=tuple(expect_int(n, [*path, "shape", i]) for i, n in enumerate(shape)),
-            sha256=_sha(d["sha256"], [*path, "sha256"]),
+            digest=expect_str(
+                d[algorithm], [*path, algorithm], _SHA256, "a digest (64 lower-case hex digits)"
+            ),
+            algorithm=algorithm,
         )
 
     def to_dict(self) -> TensorJSON:
-        """Return the JSON object."""
-        return TensorJSON(
-            name=self.name, dtype=self.dtype, shape=list(self.shape), sha256=self.sha256
-        )
+        """Return the JSON object (the digest under its algorithm's key)."""
+        out: dict[str, Any] = {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+        out[self.algorithm] = self.digest
+        return out  # type: ignore[return-value]
 
 
 @dataclass(frozen=True)

@@ -70,13 +70,20 @@ def validate(
     )
     if not found:
         return
-    problems = [f"{e.json_path}: {_shorten(e.message)}" for e in found[:MAX_LISTED_ERRORS]]
+    problems = [f"{e.json_path}: {_shorten(_reason(e))}" for e in found[:MAX_LISTED_ERRORS]]
     if len(found) > MAX_LISTED_ERRORS:
         problems.append(f"... and {len(found) - MAX_LISTED_ERRORS} more")
     if len(problems) == 1:
         raise error(f"{what}: schema: {problems[0]}")
     listed = "".join(f"\n  - {p}" for p in problems)
     raise error(f"{what}: schema: {len(found)} problems:{listed}")
+
+
+def _reason(e: Any) -> str:
+    """jsonschema's message; for a failed ``oneOf``/``anyOf``, why each alternative failed."""
+    if e.validator in ("oneOf", "anyOf") and e.context:
+        return "no alternative matches: " + "; or ".join(sorted({c.message for c in e.context}))
+    return str(e.message)
 
 
 def _shorten(text: str, limit: int = 300) -> str:

@@ -16,12 +16,12 @@ together they cover every byte of the member.
 BOOL tensors must hold bytes 0 or 1: the reader refuses any other byte (numpy and jax would
 otherwise carry a "true" that compares unequal to True), and the writer refuses to produce one.
 
-Speed (tools/weights_speed.py, 2-core dev box, 403 MB float32 on tmpfs, one thread each):
-SHA-256 325 ms, file write 159 ms, pread into fresh buffers 108 ms, CRC-32 30 ms (isal; zlib
-~200 ms). Save needs all of SHA + CRC + write (~515 ms of CPU), a verified load SHA + read
-(~435 ms); both are spread over the two cores (measured 260-310 ms and 235-260 ms, within ~15%
-of a perfect split). SHA-256 alone is then ~160 ms, about what raw safetensors takes for the
-whole save or load here: that, not the I/O, is what a checked load costs.
+Tensor digests use the algorithm the manifest names (``_digests``: BLAKE3 for new archives,
+SHA-256 for archives from hkstore 0.1); every thread pool is a ``_workers.Scheduler`` sized
+to the cores the process may use. Speed (tools/weights_speed.py --breakdown, 2-core AMD EPYC,
+400 MB float32 on tmpfs, one thread each): SHA-256 ~200 ms, BLAKE3 ~52 ms, file write
+~140 ms, pread into fresh buffers ~48 ms, CRC-32 ~30 ms (isal). With BLAKE3 a save is the
+write with the hashing beside it, and a verified load ~1.5x the bare copy.
 
 The file stays whole (~800 lines, a third of them error messages and docstrings) because the
 writer, the strict parser and the reader share the layout rules above; split, they would live
@@ -34,9 +34,10 @@ import hashlib
 import json
 import os
 import stat
+import threading
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -50,9 +51,12 @@ from hkstore.errors import (
 )
 from hkstore.store._crc32 import crc32 as _default_crc32
 from hkstore.store._crc32 import crc32_combine
+from hkstore.store._digests import DEFAULT as DEFAULT_DIGEST
+from hkstore.store._digests import check_algorithm, digest_hex, new_hasher
 from hkstore.store._dtypes import DTYPES, dtype_for_code
 from hkstore.store._limits import DEFAULT_LIMITS, Limits
 from hkstore.store._members import WEIGHTS
+from hkstore.store._workers import Scheduler
 
 if TYPE_CHECKING:
     import mmap
@@ -81,9 +85,13 @@ _TENSOR_KEYS = frozenset({"dtype", "shape", "data_offsets"})
 _READ_CHUNK = 1 << 20
 _CRC_CHUNK = 4 << 20
 _SMALL = 1 << 16
-#: below this many bytes in all, read_all reads on the calling thread (measured on a 0.6 MB
-#: member: 0.73-0.92 ms inline against 1.35-1.49 ms through a two-thread pool)
-_INLINE_BYTES = 1 << 20
+# A tensor bigger than its share of the work (total / workers) and than _SPLIT_MIN would leave
+# the other threads idle: its copy is cut into _SPLIT_CHUNK pieces for every thread, then it is
+# hashed by BLAKE3's own threads while the pool is idle (SHA-256 cannot be split: such tensors
+# stay whole on one thread). ``verify`` hashes them _SEGMENT bytes at a time through one buffer.
+_SPLIT_MIN = 16 << 20
+_SPLIT_CHUNK = 8 << 20
+_SEGMENT = 64 << 20
 
 
 @dataclass(frozen=True)
@@ -118,7 +126,8 @@ class WeightsWritten:
     size: int
     crc32: int | None
     header_sha256: str
-    tensor_sha256: dict[str, str]
+    digest: str
+    tensor_digests: dict[str, str]
 
 
 def aligned_empty(nbytes: int, align: int = ALIGN) -> np.ndarray:
@@ -217,16 +226,13 @@ def _checked_bytes(spec: TensorSpec, value: Any) -> memoryview:
     return data.data
 
 
-def _sha256_hex(view: memoryview) -> str:
-    return hashlib.sha256(view).hexdigest()
-
-
 def write_weights(
     stream: Any,
     specs: Sequence[TensorSpec],
     fetch: Callable[[str], Any],
     *,
-    workers: int = 2,
+    workers: int | None = None,
+    digest: str = DEFAULT_DIGEST,
     crc32: Callable[[ReadableBuffer, int], int] | None = _default_crc32,
     max_inflight: int = 2,
 ) -> WeightsWritten:
@@ -236,15 +242,17 @@ def write_weights(
     written, so at most ``max_inflight`` fetched arrays are alive at once (the one being
     written and those still being hashed): with a ``fetch`` that copies (device to host) the
     extra memory is about ``max_inflight`` times the largest tensor, and with one that returns
-    views it is nothing. SHA-256 of each tensor and the CRC-32 of the whole member run on
-    ``workers`` threads while the calling thread writes (all three release the GIL).
+    views it is nothing. Each tensor's digest and the CRC-32 of the whole member run on the
+    :class:`~hkstore.store._workers.Scheduler`'s threads while the calling thread writes (all
+    of them release the GIL).
 
     Args:
         stream: anything with ``write(buffer)`` returning the number of bytes it took (short
             writes are completed) or ``None``: a ZIP member stream, a file, a compressor.
         specs: the tensors, in the order their data is laid out.
         fetch: returns the array for a name (numpy, or anything ``np.asarray`` accepts).
-        workers: hashing threads (>= 1).
+        workers: hashing threads; ``None`` for every available core, 1 to hash inline.
+        digest: the tensor-digest algorithm (``"blake3"`` or ``"sha256"``).
         crc32: ``zlib.crc32``-compatible function for the member CRC, or ``None`` to skip it.
         max_inflight: fetched tensors alive at once (>= 1); 2 lets both cores hash.
 
@@ -255,11 +263,14 @@ def write_weights(
         UnsupportedDtypeError, WeightsFormatError: invalid specs (see :func:`encode_header`), or
             a BOOL array holding bytes other than 0/1.
         WeightsMismatchError: a fetched array's dtype or shape differs from its spec.
+        ValueError: ``digest`` is not in the digest table, or ``max_inflight`` is below 1.
     """
-    if workers < 1 or max_inflight < 1:
-        raise ValueError(f"workers={workers} and max_inflight={max_inflight} must be >= 1")
+    check_algorithm(digest)
+    if max_inflight < 1:
+        raise ValueError(f"max_inflight={max_inflight} must be >= 1")
     header = encode_header(specs)
     header_view = memoryview(header)
+    scheduler = Scheduler(workers, work_bytes=sum(_spec_nbytes(s) for s in specs))
     _write_all(stream, header_view)
     size = len(header)
     crc_parts: list[Future[int] | int] = []
@@ -269,35 +280,34 @@ def write_weights(
         lengths.append(size)
     digests: dict[str, Future[str] | str] = {}
     inflight: deque[list[Future[Any]]] = deque()
-    with ThreadPoolExecutor(workers, thread_name_prefix="hkstore-weights") as pool:
-        try:
-            for spec in specs:
-                while len(inflight) >= max_inflight:
-                    for future in inflight.popleft():
-                        future.result()
-                data = _checked_bytes(spec, fetch(spec.name))
-                if data.nbytes < _SMALL:
-                    digests[spec.name] = _sha256_hex(data)
-                    if crc32 is not None:
-                        crc_parts.append(crc32(data, 0))
-                        lengths.append(data.nbytes)
-                else:
-                    # The digest first: it is the longest task and cannot be split.
-                    futures: list[Future[Any]] = [pool.submit(_sha256_hex, data)]
-                    digests[spec.name] = futures[0]
-                    if crc32 is not None:
-                        for start in range(0, data.nbytes, _CRC_CHUNK):
-                            piece = data[start : start + _CRC_CHUNK]
-                            futures.append(pool.submit(crc32, piece, 0))
-                            crc_parts.append(futures[-1])
-                            lengths.append(piece.nbytes)
-                    inflight.append(futures)
-                _write_all(stream, data)
-                size += data.nbytes
-                del data
-        except BaseException:
-            pool.shutdown(wait=True, cancel_futures=True)
-            raise
+    with scheduler:
+        for spec in specs:
+            while len(inflight) >= max_inflight:
+                for future in inflight.popleft():
+                    future.result()
+            data = _checked_bytes(spec, fetch(spec.name))
+            if data.nbytes < _SMALL:
+                digests[spec.name] = digest_hex(digest, data)
+                if crc32 is not None:
+                    crc_parts.append(crc32(data, 0))
+                    lengths.append(data.nbytes)
+            else:
+                # The digest first: it is the longest task and is not split.
+                futures: list[Future[Any]] = [scheduler.submit(digest_hex, digest, data)]
+                digests[spec.name] = futures[0]
+                if crc32 is not None:
+                    for start in range(0, data.nbytes, _CRC_CHUNK):
+                        piece = data[start : start + _CRC_CHUNK]
+                        futures.append(scheduler.submit(crc32, piece, 0))
+                        crc_parts.append(futures[-1])
+                        lengths.append(piece.nbytes)
+                inflight.append(futures)
+            _write_all(stream, data)
+            size += data.nbytes
+            del data
+        for futures in inflight:
+            for future in futures:
+                future.result()
     crc = None
     if crc32 is not None:
         crc = 0
@@ -308,7 +318,10 @@ def write_weights(
         size=size,
         crc32=crc,
         header_sha256=hashlib.sha256(header).hexdigest(),
-        tensor_sha256={k: v if isinstance(v, str) else v.result() for k, v in digests.items()},
+        digest=digest,
+        tensor_digests={
+            k: v if isinstance(v, str) else v.result() for k, v in digests.items()
+        },
     )
 
 
@@ -570,8 +583,28 @@ def parse_header(
 @dataclass
 class _Loaded:
     array: np.ndarray
-    sha256: str | None
+    digest: str | None
     bad_bool: str | None
+
+
+def _bool_problem(entry: TensorEntry, raw: np.ndarray) -> str | None:
+    if entry.dtype != "BOOL" or not raw.size or int(raw.max()) <= 1:
+        return None
+    index = int(np.argmax(raw > 1))
+    return f"tensor {entry.name!r}: BOOL byte {int(raw[index])} at element {index}"
+
+
+_scratch = threading.local()
+
+
+def _scratch_buffer() -> np.ndarray:
+    """This thread's reusable read buffer for ``verify`` (touched once, so no page faults)."""
+    buf: np.ndarray | None = getattr(_scratch, "buf", None)
+    if buf is None:
+        buf = aligned_empty(_READ_CHUNK)
+        buf.fill(0)
+        _scratch.buf = buf
+    return buf
 
 
 class WeightsReader:
@@ -579,9 +612,10 @@ class WeightsReader:
 
     The header is read and strictly parsed on construction (see :func:`parse_header`). Each
     tensor is then read on demand straight into a fresh 64-byte-aligned buffer (the only copy:
-    jax's CPU ``device_put`` aliases such buffers), its SHA-256 computed chunk by chunk while
+    jax's CPU ``device_put`` aliases such buffers), its digest computed chunk by chunk while
     the bytes are still in cache. Returned arrays are owned by the caller, writeable, and never
-    views of the source.
+    views of the source. Digests use the algorithm the caller names (the manifest's), from
+    the digest table (``_digests``); reads run on a :class:`~hkstore.store._workers.Scheduler`.
 
     Args:
         source: the archive as bytes, bytearray, memoryview or mmap, or an open file
@@ -681,31 +715,34 @@ class WeightsReader:
         self._read_into(buf, pos)
         return buf.tobytes()
 
-    def _load(self, entry: TensorEntry, digest: bool) -> _Loaded:
+    def _read_pieces(self, raw: np.ndarray, pos: int, scheduler: Scheduler) -> None:
+        """Fill ``raw`` from ``pos`` in :data:`_SPLIT_CHUNK` pieces on every worker."""
+        starts = range(0, raw.size, _SPLIT_CHUNK)
+        scheduler.map(lambda at: self._read_into(raw[at : at + _SPLIT_CHUNK], pos + at), starts)
+
+    def _load(self, entry: TensorEntry, algorithm: str | None) -> _Loaded:
+        """Read one tensor on this thread, hashing each chunk right after it is read."""
         raw = aligned_empty(entry.nbytes)
         pos = self.header_size + entry.begin
-        hasher = hashlib.sha256() if digest else None
+        hasher = None if algorithm is None else new_hasher(algorithm)
         for start in range(0, entry.nbytes, _READ_CHUNK):
             piece = raw[start : start + _READ_CHUNK]
             self._read_into(piece, pos + start)
             if hasher is not None:
                 hasher.update(piece.data)
-        bad_bool = None
-        if entry.dtype == "BOOL" and raw.size and int(raw.max()) > 1:
-            index = int(np.argmax(raw > 1))
-            bad_bool = f"tensor {entry.name!r}: BOOL byte {int(raw[index])} at element {index}"
         array = raw.view(DTYPES[entry.dtype].dtype).reshape(entry.shape)
-        return _Loaded(array, None if hasher is None else hasher.hexdigest(), bad_bool)
+        digest = None if hasher is None else hasher.hexdigest()
+        return _Loaded(array, digest, _bool_problem(entry, raw))
 
-    def _load_batch(self, batch: list[TensorEntry], digest: bool) -> list[tuple[str, _Loaded]]:
-        return [(entry.name, self._load(entry, digest)) for entry in batch]
+    def _load_batch(self, batch: list[TensorEntry], algorithm: str | None) -> list[_Loaded]:
+        return [self._load(entry, algorithm) for entry in batch]
 
-    def _jobs(self) -> list[list[TensorEntry]]:
+    def _jobs(self, entries: Sequence[TensorEntry]) -> list[list[TensorEntry]]:
         """Largest tensors first (so the last job to finish is a short one); small ones batched."""
         jobs: list[list[TensorEntry]] = []
         batch: list[TensorEntry] = []
         batch_bytes = 0
-        for entry in sorted(self.entries.values(), key=lambda e: e.nbytes, reverse=True):
+        for entry in sorted(entries, key=lambda e: e.nbytes, reverse=True):
             if entry.nbytes >= _SMALL:
                 jobs.append([entry])
                 continue
@@ -718,6 +755,16 @@ class WeightsReader:
             jobs.append(batch)
         return jobs
 
+    @staticmethod
+    def _split(
+        entries: Sequence[TensorEntry], algorithm: str | None, workers: int
+    ) -> tuple[list[TensorEntry], list[TensorEntry]]:
+        """``(whole, split)``: the tensors read by one thread each, and those cut up."""
+        if workers == 1 or algorithm == "sha256":
+            return list(entries), []
+        cut = max(_SPLIT_MIN, sum(e.nbytes for e in entries) // workers)
+        return [e for e in entries if e.nbytes <= cut], [e for e in entries if e.nbytes > cut]
+
     def _entry(self, name: str) -> TensorEntry:
         try:
             return self.entries[name]
@@ -726,46 +773,57 @@ class WeightsReader:
 
     # -- public reads ---------------------------------------------------------------------
 
-    def tensor(self, name: str, *, expected_sha256: str | None = None) -> np.ndarray:
+    def tensor(
+        self,
+        name: str,
+        *,
+        expected: str | None = None,
+        algorithm: str = DEFAULT_DIGEST,
+        workers: int | None = 1,
+    ) -> np.ndarray:
         """Read one tensor (only its bytes), checking its digest when one is given.
+
+        Args:
+            name: the tensor.
+            expected: its hex digest, or ``None`` to read without checking.
+            algorithm: the digest's algorithm (from the manifest).
+            workers: threads (``None``: every available core); a big tensor's copy is cut
+                into pieces for every thread and, with BLAKE3, hashed on as many.
 
         Raises:
             WeightsMismatchError: no tensor ``name`` in the member.
-            DigestMismatchError: its bytes do not hash to ``expected_sha256``.
+            DigestMismatchError: its bytes do not hash to ``expected``.
             WeightsFormatError: the source ends early, or a BOOL byte is neither 0 nor 1.
+            ValueError: ``algorithm`` is not in the digest table.
         """
-        loaded = self._load(self._entry(name), expected_sha256 is not None)
-        if expected_sha256 is not None and loaded.sha256 != expected_sha256:
+        entry = self._entry(name)
+        algo = None if expected is None else check_algorithm(algorithm)
+        with Scheduler(workers, work_bytes=entry.nbytes) as scheduler:
+            whole, _ = self._split([entry], algo, scheduler.workers)
+            if whole:
+                loaded = self._load(entry, algo)
+            else:
+                loaded = self._load_split(entry, algo, scheduler)
+        if expected is not None and loaded.digest != expected:
             raise DigestMismatchError(
-                _mismatch_message(self._member, [(name, expected_sha256, loaded.sha256 or "")])
+                _mismatch_message(self._member, algorithm, [(name, expected, loaded.digest)])
             )
         if loaded.bad_bool:
             _fail(self._member, loaded.bad_bool + " (only 0 and 1 are valid)")
         return loaded.array
 
-    def read_all(
-        self, expected: Mapping[str, str] | None, *, workers: int = 2
-    ) -> dict[str, np.ndarray]:
-        """Read every tensor, checking every digest in ``expected`` (skip checks with ``None``).
+    def _load_split(
+        self, entry: TensorEntry, algorithm: str | None, scheduler: Scheduler
+    ) -> _Loaded:
+        raw = aligned_empty(entry.nbytes)
+        self._read_pieces(raw, self.header_size + entry.begin, scheduler)
+        digest = None
+        if algorithm is not None:
+            digest = digest_hex(algorithm, raw.data, threads=scheduler.workers)
+        array = raw.view(DTYPES[entry.dtype].dtype).reshape(entry.shape)
+        return _Loaded(array, digest, _bool_problem(entry, raw))
 
-        Tensors are read and hashed on ``workers`` threads, largest first, each chunk hashed
-        right after it is read. Every digest mismatch is collected before raising.
-
-        Args:
-            expected: hex SHA-256 per tensor name, covering exactly the member's tensors; or
-                ``None`` to read without checking (only for data already trusted).
-            workers: reading/hashing threads (>= 1).
-
-        Returns:
-            Arrays by name, in data (offset) order.
-
-        Raises:
-            WeightsFormatError: ``expected`` names other tensors than the member holds, the
-                source ends early, or a BOOL byte is neither 0 nor 1.
-            DigestMismatchError: one or more tensors do not match (all are named).
-        """
-        if workers < 1:
-            raise ValueError(f"workers={workers} must be >= 1")
+    def _check_expected(self, expected: Mapping[str, str] | None) -> None:
         if expected is not None and set(expected) != set(self.entries):
             missing = sorted(set(self.entries) - set(expected))
             extra = sorted(set(expected) - set(self.entries))
@@ -774,36 +832,186 @@ class WeightsReader:
                 f"expected digests do not match the tensors: no digest for "
                 f"{missing}, digest for absent {extra}",
             )
-        check = expected is not None
-        jobs = self._jobs()
-        if workers == 1 or sum(e.nbytes for e in self.entries.values()) < _INLINE_BYTES:
-            # small members (typical federated messages): threads would cost more than they save
-            done = dict(item for job in jobs for item in self._load_batch(job, check))
-        else:
-            with ThreadPoolExecutor(workers, thread_name_prefix="hkstore-weights") as pool:
-                futures = [pool.submit(self._load_batch, job, check) for job in jobs]
-                try:
-                    done = dict(item for future in futures for item in future.result())
-                except BaseException:
-                    pool.shutdown(wait=True, cancel_futures=True)
-                    raise
+
+    def read_all(
+        self,
+        expected: Mapping[str, str] | None,
+        *,
+        algorithm: str = DEFAULT_DIGEST,
+        workers: int | None = None,
+    ) -> dict[str, np.ndarray]:
+        """Read every tensor, checking every digest in ``expected`` (skip checks with ``None``).
+
+        Tensors are read and hashed on ``workers`` threads, largest first, each chunk hashed
+        right after it is read; a tensor bigger than its share is copied by every thread and
+        (BLAKE3) hashed by as many. Every digest mismatch is collected before raising.
+
+        Args:
+            expected: hex digest per tensor name, covering exactly the member's tensors; or
+                ``None`` to read without checking (only for data already trusted).
+            algorithm: the digests' algorithm (from the manifest).
+            workers: reading/hashing threads; ``None`` for every available core.
+
+        Returns:
+            Arrays by name, in data (offset) order.
+
+        Raises:
+            WeightsFormatError: ``expected`` names other tensors than the member holds, the
+                source ends early, or a BOOL byte is neither 0 nor 1.
+            DigestMismatchError: one or more tensors do not match (all are named).
+            ValueError: ``algorithm`` is not in the digest table.
+        """
+        self._check_expected(expected)
+        algo = None if expected is None else check_algorithm(algorithm)
+        total = sum(e.nbytes for e in self.entries.values())
+        done: dict[str, _Loaded] = {}
+        with Scheduler(workers, work_bytes=total) as scheduler:
+            whole, split = self._split(list(self.entries.values()), algo, scheduler.workers)
+            pieces: list[tuple[TensorEntry, np.ndarray]] = []
+            futures: list[Future[Any]] = []
+            for entry in split:  # first: their pieces spread over every thread
+                raw = aligned_empty(entry.nbytes)
+                pieces.append((entry, raw))
+                pos = self.header_size + entry.begin
+                for at in range(0, entry.nbytes, _SPLIT_CHUNK):
+                    part = raw[at : at + _SPLIT_CHUNK]
+                    futures.append(scheduler.submit(self._read_into, part, pos + at))
+            jobs = self._jobs(whole)
+            batches = [scheduler.submit(self._load_batch, job, algo) for job in jobs]
+            for future in futures:
+                future.result()
+            for job, batch in zip(jobs, batches, strict=True):
+                done.update(zip((e.name for e in job), batch.result(), strict=True))
+        for entry, raw in pieces:  # the pool is idle: BLAKE3's own threads hash
+            digest = None
+            if algo is not None:
+                digest = digest_hex(algo, raw.data, threads=scheduler.workers)
+            array = raw.view(DTYPES[entry.dtype].dtype).reshape(entry.shape)
+            done[entry.name] = _Loaded(array, digest, _bool_problem(entry, raw))
         loaded = {name: done[name] for name in self.entries}
         if expected is not None:
             bad = [
-                (name, expected[name], got.sha256 or "")
+                (name, expected[name], got.digest)
                 for name, got in loaded.items()
-                if got.sha256 != expected[name]
+                if got.digest != expected[name]
             ]
             if bad:
-                raise DigestMismatchError(_mismatch_message(self._member, bad))
+                raise DigestMismatchError(_mismatch_message(self._member, algorithm, bad))
         bad_bools = [got.bad_bool for got in loaded.values() if got.bad_bool]
         if bad_bools:
             _fail(self._member, "; ".join(bad_bools) + " (only 0 and 1 are valid)")
         return {name: got.array for name, got in loaded.items()}
 
+    # -- checking without keeping the data ------------------------------------------------
 
-def _mismatch_message(member: str, bad: list[tuple[str, str, str]]) -> str:
-    lines = [f"{member}: {len(bad)} tensor(s) do not match their SHA-256 digest:"]
+    def _digest_through_scratch(self, entry: TensorEntry, algorithm: str) -> tuple[str, bool]:
+        """Hash one tensor through this thread's scratch buffer; ``(digest, bad BOOL byte)``."""
+        buf = _scratch_buffer()
+        hasher = new_hasher(algorithm)
+        pos = self.header_size + entry.begin
+        bad = False
+        for start in range(0, entry.nbytes, _READ_CHUNK):
+            piece = buf[: min(_READ_CHUNK, entry.nbytes - start)]
+            self._read_into(piece, pos + start)
+            hasher.update(piece.data)
+            if entry.dtype == "BOOL" and int(piece.max()) > 1:
+                bad = True
+        return hasher.hexdigest(), bad
+
+    def _check_batch(self, batch: list[TensorEntry], algorithm: str) -> list[tuple[str, str, bool]]:
+        out = []
+        for entry in batch:
+            digest, bad = self._digest_through_scratch(entry, algorithm)
+            out.append((entry.name, digest, bad))
+        return out
+
+    def _digest_segments(
+        self, entry: TensorEntry, algorithm: str, scheduler: Scheduler, segment: np.ndarray
+    ) -> tuple[str, bool]:
+        """Hash a big tensor :data:`_SEGMENT` bytes at a time: copied by every worker, then
+        hashed by BLAKE3's threads while the pool is idle."""
+        hasher = new_hasher(algorithm, threads=scheduler.workers)
+        pos = self.header_size + entry.begin
+        bad = False
+        for start in range(0, entry.nbytes, segment.size):
+            piece = segment[: min(segment.size, entry.nbytes - start)]
+            self._read_pieces(piece, pos + start, scheduler)
+            hasher.update(piece.data)
+            if entry.dtype == "BOOL" and int(piece.max()) > 1:
+                bad = True
+        return hasher.hexdigest(), bad
+
+    def check_digests(
+        self,
+        expected: Mapping[str, str],
+        *,
+        algorithm: str = DEFAULT_DIGEST,
+        workers: int | None = None,
+        progress: Callable[[int], None] | None = None,
+    ) -> int:
+        """Check every tensor's digest and BOOL bytes without keeping the data; return bytes read.
+
+        Memory stays bounded (a 1 MiB buffer per thread, plus one 64 MiB segment for tensors
+        bigger than their share of the work), whatever the tensors' sizes. Every mismatch is
+        collected before raising.
+
+        Args:
+            expected: hex digest per tensor name, covering exactly the member's tensors.
+            algorithm: the digests' algorithm (from the manifest).
+            workers: threads; ``None`` for every available core.
+            progress: called with the byte count of each tensor or batch once it is checked.
+
+        Raises:
+            DigestMismatchError: naming every tensor whose bytes differ from ``expected``.
+            WeightsFormatError: ``expected`` names other tensors, the source ends early, or a
+                BOOL byte is neither 0 nor 1.
+            ValueError: ``algorithm`` is not in the digest table.
+        """
+        self._check_expected(expected)
+        check_algorithm(algorithm)
+        entries = list(self.entries.values())
+        got: dict[str, tuple[str, bool]] = {}
+        total = sum(e.nbytes for e in entries)
+        with Scheduler(workers, work_bytes=total) as scheduler:
+            whole, split = self._split(entries, algorithm, scheduler.workers)
+            jobs = self._jobs(whole)
+            window = 2 * scheduler.workers
+            checked = scheduler.window(lambda j: self._check_batch(j, algorithm), jobs, window)
+            for job, results in zip(jobs, checked, strict=True):
+                got.update((name, (digest, bad)) for name, digest, bad in results)
+                if progress is not None:
+                    progress(sum(e.nbytes for e in job))
+            if split:
+                segment = aligned_empty(min(_SEGMENT, max(e.nbytes for e in split)))
+                for entry in split:
+                    got[entry.name] = self._digest_segments(entry, algorithm, scheduler, segment)
+                    if progress is not None:
+                        progress(entry.nbytes)
+        bad = [
+            (name, expected[name], digest)
+            for name, (digest, _) in ((n, got[n]) for n in self.entries)
+            if digest != expected[name]
+        ]
+        if bad:
+            raise DigestMismatchError(_mismatch_message(self._member, algorithm, bad))
+        bools = [name for name in self.entries if got[name][1]]
+        if bools:
+            _fail(
+                self._member,
+                "; ".join(f"tensor {n!r}: a BOOL byte other than 0 or 1" for n in bools)
+                + " (only 0 and 1 are valid)",
+            )
+        return total
+
+
+_LABELS = {"sha256": "SHA-256", "blake3": "BLAKE3"}
+
+
+def _mismatch_message(
+    member: str, algorithm: str, bad: Sequence[tuple[str, str, str | None]]
+) -> str:
+    label = _LABELS.get(algorithm, algorithm)
+    lines = [f"{member}: {len(bad)} tensor(s) do not match their {label} digest:"]
     for name, want, got in bad:
-        lines.append(f"  {name!r}: expected {want}, got {got}")
+        lines.append(f"  {name!r}: expected {want}, got {got or ''}")
     return "\n".join(lines)
