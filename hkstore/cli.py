@@ -26,8 +26,9 @@ _VERIFY = """\
 Check an archive the way a loader would, without loading it: the ZIP container
 (strict structure, limits), the manifest (canonical JSON, schema), the signature
 (with the keys given; required with --require-signature), the safetensors header
-against the manifest, every tensor's SHA-256 digest, and the pickle member's digest
-and opcodes (never unpickled). Stops at the first failed check and names it.
+against the manifest, every tensor's digest (BLAKE3, or SHA-256 in older archives),
+and the pickle member's digest and opcodes (never unpickled). Stops at the first failed
+check and names it. Reads and hashes on every core this process may use (--workers N).
 
 Given a checkpoint directory, check every round (or one: DIR/round-N, --round N)
 the way Checkpointer.restore() does: the round record (canonical JSON, schema,
@@ -89,7 +90,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
                 note(f"verify: {args.archive}: round {r['round']}: the {r['failed']['check']} "
                      "check failed")
         return code
-    outcome = run_checks(lambda: open_input(args.archive), args.archive, trust)
+    outcome = run_checks(
+        lambda: open_input(args.archive, workers=args.workers), args.archive, trust
+    )
     report = outcome.report()
     emit_report(report, render_verify, as_json=args.json)
     if outcome.failed is not None:
@@ -123,7 +126,7 @@ def cmd_sign(args: argparse.Namespace) -> int:
     from hkstore._cli._sign import sign_archive
 
     signer = load_signer(key=args.key, hmac_secret_file=args.hmac_secret_file)
-    outcome = sign_archive(args.archive, args.out or args.archive, signer)
+    outcome = sign_archive(args.archive, args.out or args.archive, signer, workers=args.workers)
     if outcome.failed is not None:
         note(f"refusing to sign {args.archive}: the {outcome.failed['check']} check failed: "
              f"{outcome.failed['message']}")
@@ -180,6 +183,21 @@ def _round_number(text: str) -> int:
     return int(text)
 
 
+def _workers(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is below 1")
+    return value
+
+
+def _add_workers(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--workers", type=_workers, default=None, metavar="N",
+                   help="threads that read and hash (default: every core this process may use)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``hkstore`` argument parser (one sub-command per verb)."""
     parser = _Parser(prog="hkstore", description=_DESCRIPTION, epilog=_EXIT_CODES,
@@ -215,6 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fail unless signed by one of the given keys")
     p.add_argument("--json", action="store_true",
                    help="print hkstore-verify (or hkstore-verify-checkpoint) v1 JSON")
+    _add_workers(p)
     p = verb("keygen", cmd_keygen, "create an Ed25519 key pair NAME.key (0600) + NAME.pub")
     p.add_argument("name", metavar="NAME")
     p = verb("sign", cmd_sign, "verify an archive's digests, then (re-)sign it atomically")
@@ -223,6 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     who.add_argument("--key", metavar="NAME.key", help="Ed25519 private key file")
     who.add_argument("--hmac-secret-file", metavar="FILE", help="HMAC-SHA256 shared secret")
     p.add_argument("--out", metavar="FILE", help="write here instead of replacing ARCHIVE")
+    _add_workers(p)
     p = verb("diff", cmd_diff, "compare two archives tensor by tensor")
     p.add_argument("a", metavar="A")
     p.add_argument("b", metavar="B")

@@ -43,6 +43,7 @@ def save(
     signer: Signer | None = None,
     compression: Literal["zstd"] | None = None,
     metadata: Mapping[str, Any] | None = None,
+    workers: int | None = None,
 ) -> Manifest:
     """Save an initialized model to ``path`` atomically (temp file, fsync, rename).
 
@@ -56,6 +57,8 @@ def save(
         signer: an :class:`hkstore.Ed25519Signer` or :class:`hkstore.HmacKey` to sign with.
         compression: ``None`` (memory-mappable weights) or ``"zstd"``.
         metadata: free JSON-safe user metadata (round number, metrics...).
+        workers: threads that hash while the file is written; ``None`` (default) for every
+            core the process may use, 1 for none.
 
     Returns:
         The manifest written.
@@ -72,7 +75,9 @@ def save(
     """
     content = archive_content(_state(model), functions=functions, metadata=metadata)
     with atomic_write(path) as handle:
-        return write_archive(handle, content, signer=signer, compression=compression)
+        return write_archive(
+            handle, content, signer=signer, compression=compression, workers=workers
+        )
 
 
 def dumps(
@@ -82,6 +87,7 @@ def dumps(
     signer: Signer | None = None,
     compression: Literal["zstd"] | None = None,
     metadata: Mapping[str, Any] | None = None,
+    workers: int | None = None,
 ) -> bytes:
     """Return the archive bytes of ``model`` (for messages); arguments as :func:`save`.
 
@@ -91,7 +97,7 @@ def dumps(
     """
     content = archive_content(_state(model), functions=functions, metadata=metadata)
     buffer = io.BytesIO()
-    write_archive(buffer, content, signer=signer, compression=compression)
+    write_archive(buffer, content, signer=signer, compression=compression, workers=workers)
     return buffer.getvalue()
 
 
@@ -111,6 +117,7 @@ def load(
     trust: Trust | None = None,
     verify: bool = True,
     limits: Limits = DEFAULT_LIMITS,
+    workers: int | None = None,
 ) -> HaikuModel:
     """Load a model from an archive path or its bytes, on the loader's device policy.
 
@@ -125,10 +132,12 @@ def load(
         loss: the loss function ``loss(y_pred, y_true)``; overrides the archive's.
         trust: what the archive may make this process import or unpickle, and which keys
             verify its signature. Default ``Trust()``: nothing.
-        verify: check every tensor's SHA-256 (default). ``False`` skips only the tensor
+        verify: check every tensor's digest (default). ``False`` skips only the tensor
             digests (structure, header and signature are still checked): for archives you
             wrote yourself.
         limits: size and count limits for untrusted input.
+        workers: threads that read and hash the weights; ``None`` (default) for every core
+            the process may use, 1 for the calling thread only.
 
     Returns:
         A new, initialized :class:`hkstore.HaikuModel`.
@@ -144,7 +153,7 @@ def load(
     Example:
         >>> m = hkstore.load("round-3.hkz", model=forward_fn, loss=loss_fn)  # doctest: +SKIP
     """
-    with open_archive(source, limits=limits) as archive:
+    with open_archive(source, limits=limits, workers=workers) as archive:
         state = read_state(archive, model=model, loss=loss, trust=trust, verify=verify)
     return HaikuModel.from_state(state)
 
@@ -157,8 +166,11 @@ def loads(
     trust: Trust | None = None,
     verify: bool = True,
     limits: Limits = DEFAULT_LIMITS,
+    workers: int | None = None,
 ) -> HaikuModel:
     """Load a model from archive bytes (what :func:`dumps` returns); see :func:`load`."""
     if not isinstance(data, bytes | bytearray | memoryview):
         raise TypeError(f"loads() takes bytes, got {type(data).__name__}")
-    return load(data, model=model, loss=loss, trust=trust, verify=verify, limits=limits)
+    return load(
+        data, model=model, loss=loss, trust=trust, verify=verify, limits=limits, workers=workers
+    )

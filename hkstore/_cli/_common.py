@@ -31,7 +31,7 @@ _ZIP_LOCAL_MAGIC = b"PK\x03\x04"
 PROGRESS_MIN_BYTES = 1 << 30
 
 
-def open_input(path: str) -> Archive:
+def open_input(path: str, *, workers: int | None = None) -> Archive:
     """Open an archive named on the command line (container and manifest checked).
 
     A path that does not exist, cannot be read, or is not a ZIP file at all (it does not
@@ -57,7 +57,7 @@ def open_input(path: str) -> Archive:
     if magic != _ZIP_LOCAL_MAGIC:
         what = "an empty file" if not magic else "not a ZIP file"
         raise UsageError(f"{path}: not an hkstore archive ({what})")
-    return open_archive(path)
+    return open_archive(path, workers=workers)
 
 
 def load_trust(

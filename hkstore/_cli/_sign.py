@@ -15,7 +15,9 @@ if TYPE_CHECKING:
 __all__ = ["sign_archive"]
 
 
-def sign_archive(source: str, dest: str, signer: Signer) -> VerifyOutcome:
+def sign_archive(
+    source: str, dest: str, signer: Signer, *, workers: int | None = None
+) -> VerifyOutcome:
     """Check every digest of ``source``; if all pass, write it to ``dest`` signed by ``signer``.
 
     The members are copied byte for byte, the manifest unchanged, and ``signature.json``
@@ -39,4 +41,4 @@ def sign_archive(source: str, dest: str, signer: Signer) -> VerifyOutcome:
         with atomic_write(dest, mode=mode) as handle:
             archive.copy_with_signature(handle, signer)
 
-    return run_checks(lambda: open_input(source), source, Trust(), then=write)
+    return run_checks(lambda: open_input(source, workers=workers), source, Trust(), then=write)

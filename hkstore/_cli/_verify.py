@@ -3,9 +3,10 @@
 Checks, cheapest first: ``container`` and ``manifest`` (done when the archive is opened:
 strict ZIP structure, limits, canonical JSON, schema, member sizes), ``signature`` (with the
 caller's keys; required with ``--require-signature``), ``weights`` (the safetensors header's
-digest and its agreement with the manifest), ``digests`` (every tensor's SHA-256, read one
-tensor at a time per thread, so memory stays bounded by the largest tensors), ``functions``
-(the pickle's digest, bounded decompression and a well-formed opcode stream; never unpickled).
+digest and its agreement with the manifest), ``digests`` (every tensor's digest with the
+manifest's algorithm, read through a small buffer per thread, so memory stays bounded),
+``functions`` (the pickle's digest, bounded decompression and a well-formed opcode stream;
+never unpickled).
 """
 
 from __future__ import annotations
@@ -128,7 +129,8 @@ def _steps(archive: Archive, trust: Trust, outcome: VerifyOutcome) -> None:
     outcome.passed("weights", f"{m.weights.member}: header matches the manifest")
     outcome.bytes = _check_digests(archive, total)
     outcome.tensors = len(m.tensors)
-    outcome.passed("digests", f"{outcome.tensors} tensors, {human_bytes(total)}, sha256 match")
+    outcome.passed("digests", f"{outcome.tensors} tensors, {human_bytes(total)}, "
+                   f"{m.digest_algorithm} match")
     if m.pickle is None:
         outcome.passed("functions", "no pickle member")
     else:

@@ -28,6 +28,7 @@ except ImportError as _exc:  # the store and the CLI work without; the wrapper c
 from hkstore.model._data_info import aggregate_data_info as aggregate_data_info
 from hkstore.model._data_info import validate_data_info as validate_data_info
 from hkstore.model._device import DevicePolicy as DevicePolicy
+from hkstore.model._device import early_placement as early_placement
 from hkstore.model._device import get_device_policy as get_device_policy
 from hkstore.model._device import set_device_policy as set_device_policy
 from hkstore.model._ghost_plan import ClippingReport as ClippingReport
@@ -51,6 +52,7 @@ __all__ = [
     "WeightSpec",
     "aggregate_data_info",
     "archive_content",
+    "early_placement",
     "get_device_policy",
     "read_state",
     "set_device_policy",

@@ -486,7 +486,8 @@ class HaikuModel:
         on the state's data info (no compute, no random init): weights that do not fit are
         refused, every mismatch named, before any model exists. The arrays are placed on the
         current device policy's device as they are (on the CPU, jax may alias a suitably
-        aligned numpy buffer: hand over fresh, owned buffers). The random state is the
+        aligned numpy buffer: hand over fresh, owned buffers; device arrays a loader already
+        sent there, ``early_placement``, stay where they are). The random state is the
         state's, or, when it has none, the one :meth:`initialize` leaves for that seed.
 
         Args:

@@ -21,6 +21,7 @@ import jax
 import numpy as np
 
 from hkstore.errors import HkstoreError, NotInitializedError
+from hkstore.model._device import early_placement
 from hkstore.model._model import require_functions
 from hkstore.model._state import ModelState, RngState
 from hkstore.store import (
@@ -123,14 +124,17 @@ def read_state(
         verify: check every tensor's digest.
 
     Returns:
-        The state (weights as fresh, aligned numpy arrays).
+        The state (weights as fresh, aligned numpy arrays; on an accelerator, device arrays
+        whose host-to-device copies were started as each tensor's digest matched).
 
     Raises:
         As :func:`hkstore.load`.
     """
     trust = Trust() if trust is None else trust
     archive.check_signature(trust)
-    weights = archive.read_weights(verify=verify)
+    placement = early_placement()  # on an accelerator: each verified tensor sent right away
+    host = archive.read_weights(verify=verify, ready=placement)
+    weights = host if placement is None else placement.placed(host)
     given: dict[str, Callable[..., Any] | None] = {"model": model, "loss": loss}
     missing = [role for role in ROLES if given[role] is None]
     if missing:

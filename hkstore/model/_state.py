@@ -18,7 +18,7 @@ import jax
 import numpy as np
 
 from hkstore.errors import RngStateError
-from hkstore.model._device import to_host
+from hkstore.model._device import to_host_stream
 from hkstore.store import RNG_IMPLEMENTATIONS
 
 __all__ = ["ModelState", "RngState", "WeightSpec"]
@@ -167,10 +167,10 @@ class ModelState:
         ]
 
     def host_weights(self) -> Iterator[tuple[str, np.ndarray]]:
-        """Yield ``(name, host array)`` in model order, copying ONE tensor at a time to host.
+        """Yield ``(name, host array)`` in model order, the next ones' copies under way.
 
-        Device arrays go through pinned host memory where the device offers it; on the CPU
-        the arrays are zero-copy views.
+        Device arrays go through pinned host memory where the device offers it, with at most
+        ~256 MiB of copies started ahead of the one handed out (``to_host_stream``), so the
+        transfers overlap the hashing and writing; on the CPU the arrays are zero-copy views.
         """
-        for name, value in self.weights.items():
-            yield name, to_host(value) if isinstance(value, jax.Array) else np.asarray(value)
+        yield from to_host_stream(self.weights.items())

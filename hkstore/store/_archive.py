@@ -387,19 +387,26 @@ class Archive:
         )
 
     def read_weights(
-        self, *, verify: bool = True, workers: int | None = None
+        self,
+        *,
+        verify: bool = True,
+        workers: int | None = None,
+        ready: Callable[[str, np.ndarray], object] | None = None,
     ) -> dict[str, np.ndarray]:
         """Read every tensor into fresh 64-byte-aligned buffers, digests checked by default.
 
         Args:
             verify: check every tensor's digest (with the manifest's algorithm).
             workers: threads; default :attr:`workers` (``None``: every available core).
+            ready: called with each tensor as soon as its digest matched (see
+                :meth:`WeightsReader.read_all`).
         """
         reader = self._weights_reader()
         return reader.read_all(
             self._tensor_digests() if verify else None,
             algorithm=self.manifest.digest_algorithm,
             workers=self.workers if workers is None else workers,
+            ready=ready,
         )
 
     def _tensor_digests(self) -> dict[str, str]:

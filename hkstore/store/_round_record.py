@@ -104,7 +104,7 @@ class StateRecord:
     @property
     def digests(self) -> dict[str, str]:
         """``{tensor name: sha256}``."""
-        return {t.name: t.sha256 for t in self.tensors}
+        return {t.name: t.digest for t in self.tensors}
 
 
 @dataclass(frozen=True)

@@ -160,13 +160,16 @@ def _write_state(staging: Staging, state: StateContent) -> dict[str, Any]:
     from hkstore.store._weights import write_weights
 
     with staging.open(STATE_MEMBER) as handle:
-        written = write_weights(handle, state.specs, state.fetch, crc32=None)
+        # the round record's state tensors carry SHA-256 digests (FORMAT.md section 13)
+        written = write_weights(
+            handle, state.specs, state.fetch, crc32=None, digest="sha256"
+        )
     return {
         "header_sha256": written.header_sha256,
         "size": written.size,
         "structure": dict(state.structure),
         "tensors": [
-            {"dtype": s.dtype, "name": s.name, "sha256": written.tensor_sha256[s.name],
+            {"dtype": s.dtype, "name": s.name, "sha256": written.tensor_digests[s.name],
              "shape": list(s.shape)}
             for s in state.specs
         ],
@@ -305,7 +308,9 @@ class Round:
         if state is None:
             return {}
         with self.open_state() as reader:
-            return reader.read_all(state.digests if verify else None, workers=workers)
+            return reader.read_all(
+                state.digests if verify else None, algorithm="sha256", workers=workers
+            )
 
     def check_state(
         self, *, progress: Callable[[int], None] | None = None, workers: int = 2
@@ -334,7 +339,7 @@ class Round:
                 bad, done = [], 0
                 for name in names:
                     try:
-                        reader.tensor(name, expected_sha256=digests[name])
+                        reader.tensor(name, expected=digests[name], algorithm="sha256")
                     except DigestMismatchError as exc:
                         bad.append(str(exc).split("\n", 1)[-1].strip())
                     done += reader.entries[name].nbytes

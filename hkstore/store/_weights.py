@@ -594,6 +594,19 @@ def _bool_problem(entry: TensorEntry, raw: np.ndarray) -> str | None:
     return f"tensor {entry.name!r}: BOOL byte {int(raw[index])} at element {index}"
 
 
+def _hand_over(
+    name: str,
+    got: _Loaded,
+    expected: Mapping[str, str] | None,
+    ready: Callable[[str, np.ndarray], object] | None,
+) -> None:
+    """Give a tensor to the ``ready`` hook once it is known good."""
+    if ready is None or got.bad_bool is not None:
+        return
+    if expected is None or got.digest == expected[name]:
+        ready(name, got.array)
+
+
 _scratch = threading.local()
 
 
@@ -839,6 +852,7 @@ class WeightsReader:
         *,
         algorithm: str = DEFAULT_DIGEST,
         workers: int | None = None,
+        ready: Callable[[str, np.ndarray], object] | None = None,
     ) -> dict[str, np.ndarray]:
         """Read every tensor, checking every digest in ``expected`` (skip checks with ``None``).
 
@@ -851,6 +865,10 @@ class WeightsReader:
                 ``None`` to read without checking (only for data already trusted).
             algorithm: the digests' algorithm (from the manifest).
             workers: reading/hashing threads; ``None`` for every available core.
+            ready: called on the calling thread with each tensor whose digest matched (and
+                whose BOOL bytes are valid) as soon as it is, before the others are done:
+                a loader starts its host-to-device copy there. A failed read calls it for
+                some tensors and then raises.
 
         Returns:
             Arrays by name, in data (offset) order.
@@ -878,16 +896,19 @@ class WeightsReader:
                     futures.append(scheduler.submit(self._read_into, part, pos + at))
             jobs = self._jobs(whole)
             batches = [scheduler.submit(self._load_batch, job, algo) for job in jobs]
+            for job, batch in zip(jobs, batches, strict=True):
+                for entry, got in zip(job, batch.result(), strict=True):
+                    done[entry.name] = got
+                    _hand_over(entry.name, got, expected, ready)
             for future in futures:
                 future.result()
-            for job, batch in zip(jobs, batches, strict=True):
-                done.update(zip((e.name for e in job), batch.result(), strict=True))
         for entry, raw in pieces:  # the pool is idle: BLAKE3's own threads hash
             digest = None
             if algo is not None:
                 digest = digest_hex(algo, raw.data, threads=scheduler.workers)
             array = raw.view(DTYPES[entry.dtype].dtype).reshape(entry.shape)
             done[entry.name] = _Loaded(array, digest, _bool_problem(entry, raw))
+            _hand_over(entry.name, done[entry.name], expected, ready)
         loaded = {name: done[name] for name in self.entries}
         if expected is not None:
             bad = [
