@@ -109,13 +109,14 @@ def write_test_archive(
     *,
     signer: Any = None,
     compression: str | None = None,
+    digest: str = "blake3",
     **content_options: Any,
 ) -> Path:
     """Write an archive file at ``path`` (content from :func:`make_content` unless given)."""
     if content is None:
         content = make_content(**content_options)
     with open(path, "wb") as handle:
-        write_archive(handle, content, signer=signer, compression=compression)
+        write_archive(handle, content, signer=signer, compression=compression, digest=digest)
     return Path(path)
 
 
@@ -153,13 +154,14 @@ def archive_bytes(
     *,
     signer: Any = None,
     compression: str | None = None,
+    digest: str = "blake3",
     **content_options: Any,
 ) -> bytes:
     """The bytes of an archive (content from :func:`make_content` unless given)."""
     buffer = io.BytesIO()
     if content is None:
         content = make_content(**content_options)
-    write_archive(buffer, content, signer=signer, compression=compression)
+    write_archive(buffer, content, signer=signer, compression=compression, digest=digest)
     return buffer.getvalue()
 
 

@@ -211,3 +211,62 @@ def test_a_device_move_and_training_emit_no_warning_at_all() -> None:
         model.compute_batch_gradients(batch, max_norm=1.0)
         model.compute_batch_predictions(batch)
     assert [str(w.message) for w in caught] == []
+
+
+# --- staging to host and early placement (CPU-safe paths; the GPU side: tools/gpu_check.py) --
+
+
+def test_to_host_stream_keeps_order_and_values_and_views_on_cpu() -> None:
+    from hkstore.model._device import to_host_stream
+
+    values = {f"t{i}": jax.device_put(np.arange(i * 1000, dtype=np.float32), DEV0)
+              for i in range(5)}
+    out = list(to_host_stream(values.items(), ahead_bytes=4000))
+    assert [name for name, _ in out] == list(values)
+    for (name, host), value in zip(out, values.values(), strict=True):
+        assert isinstance(host, np.ndarray)
+        assert np.array_equal(host, np.asarray(value)), name
+
+
+def test_to_host_stream_starts_copies_ahead_within_the_byte_bound() -> None:
+    from hkstore.model import _device
+
+    started: list[str] = []
+    real = _device.start_host_copy
+
+    def spy(value: jax.Array) -> Any:
+        started.append(str(len(started)))
+        return real(value)
+
+    arrays = [(f"t{i}", jax.device_put(np.zeros(250, np.float32), DEV0)) for i in range(6)]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(_device, "start_host_copy", spy)
+        stream = _device.to_host_stream(arrays, ahead_bytes=2500)  # 2.5 arrays of 1000 B
+        next(stream)
+        assert len(started) == 3  # the first handed out once more than 2500 B were started
+        rest = list(stream)
+    assert len(rest) == 5 and len(started) == 6
+
+
+def test_early_placement_only_for_an_accelerator() -> None:
+    from hkstore.model import early_placement
+
+    assert early_placement(DevicePolicy(gpu=False)) is None
+    assert early_placement(DevicePolicy(gpu=True)) is None  # this box has no GPU: CPU path
+
+
+def test_early_placement_sends_each_verified_tensor_to_its_device(tmp_path: pathlib.Path) -> None:
+    from helpers_archives import default_tensors, make_content, write_test_archive
+
+    from hkstore.model._device import EarlyPlacement
+    from hkstore.store._archive import open_archive
+
+    tensors = default_tensors()
+    path = write_test_archive(tmp_path / "a.hkz", make_content(tensors))
+    placement = EarlyPlacement(DEV1)  # a second (virtual) CPU stands in for an accelerator
+    with open_archive(path) as archive:
+        host = archive.read_weights(ready=placement)
+    placed = placement.placed(host)
+    for name, array in tensors.items():
+        assert isinstance(placed[name], jax.Array) and placed[name].devices() == {DEV1}
+        assert np.array_equal(np.asarray(placed[name]), array)
