@@ -16,6 +16,10 @@ RATIO_KEYS = {
     "save_vs_safetensors",
     "load_verified_vs_safetensors",
     "load_vs_memcpy_floor",
+    "load_verified_vs_memcpy_floor",
+    "load_verified_p90_vs_median",
+    "verify_1gb_gbps",
+    "cli_verify_1gb_gbps",
     "load_vs_declearn_msgpack",
     "load_vs_declearn_json",
     "inspect_1gb_ms",
@@ -114,5 +118,7 @@ def test_quick_bench_on_tiny_sizes_writes_every_ratio(tmp_path: Path) -> None:
         assert report["ratios"][key] is not None, key
     for key in ("grads_clipped_vs_declearn", "cnn_clipped_vs_declearn"):
         assert (report["ratios"][key] is not None) == with_declearn, key
+    verify = report["inspect"]["verify"]
+    assert verify["gbps"] > 0 and verify["cli"]["gbps"] > 0, verify
     # the tool cleaned up after itself
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bench.json"]

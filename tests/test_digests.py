@@ -67,6 +67,12 @@ def test_pieces_and_threads_do_not_change_the_digest(algorithm: str) -> None:
         assert whole == hashlib.sha256(data).hexdigest()
 
 
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_typed_buffers_are_hashed_as_their_bytes(algorithm: str) -> None:
+    array = np.arange(12, dtype=np.float32).reshape(3, 4)
+    assert digest_hex(algorithm, array.data) == digest_hex(algorithm, array.tobytes())
+
+
 @pytest.mark.parametrize("name", ["md5", "sha1", "crc32", "SHA256", "blake2b", ""])
 def test_anything_else_is_refused(name: str) -> None:
     with pytest.raises(ValueError, match="is not one of sha256, blake3"):

@@ -4,6 +4,7 @@ Usage::
 
     python tools/bench.py [--quick] [--sizes 100k,10M,100M] [--reps N] [--json FILE]
                           [--checkpoint-params 100M | --no-checkpoint]
+                          [--workers N]
 
 Method. For each size (a float32 parameter count; the model is the ReLU MLP of
 ``tools/bench_models.py`` sized to reach it) every case below runs side by side in the same
@@ -50,8 +51,13 @@ Cases (each skipped with a printed reason when its library or API is missing):
   (every digest checked); ``hk_load_noverify``: the same with ``verify=False`` when
   ``hkstore.load`` offers that parameter; ``hk_dumps`` / ``hk_loads``: bytes.
 
+``--workers N`` passes ``workers=N`` to every hkstore call (default: hkstore's own default,
+every core the process may use); ``--workers 1`` shows what one thread does.
+
 Once per run: ``hkstore.open_archive(path).manifest`` on a ~1 GB archive (``--inspect-mb``);
-``hkstore inspect`` whole-process wall time (median of 5); peak RSS above baseline while
+``hkstore inspect`` whole-process wall time (median of 5); ``Archive.verify()`` of that
+archive (every digest read and checked; median of 5, in GB/s of tensor data) and the
+``hkstore verify`` process's wall time; peak RSS above baseline while
 loading the largest size in a fresh subprocess (``/proc/self/clear_refs`` resets VmHWM);
 ``compute_batch_gradients`` steps/s on two nets, the MLP (``--grad-params``) and the small
 conv net of ``bench_models``, same weights and batch (``--grad-batch``) for every case:
@@ -109,6 +115,10 @@ RATIO_KEYS = (
     "save_vs_safetensors",
     "load_verified_vs_safetensors",
     "load_vs_memcpy_floor",
+    "load_verified_vs_memcpy_floor",
+    "load_verified_p90_vs_median",
+    "verify_1gb_gbps",
+    "cli_verify_1gb_gbps",
     "load_vs_declearn_msgpack",
     "load_vs_declearn_json",
     "inspect_1gb_ms",
@@ -130,8 +140,12 @@ RATIO_KEYS = (
 
 RATIO_DEFINITIONS = {
     "save_vs_safetensors": "hk_save / st_save (medians, largest size); target <= 1.1",
-    "load_verified_vs_safetensors": "hk_load_verified / st_load; target <= 1.1",
+    "load_verified_vs_safetensors": "hk_load_verified / st_load; target <= 1.0",
     "load_vs_memcpy_floor": "min(hk_load_verified, hk_load_noverify) / floor_load; target <= 1.3",
+    "load_verified_vs_memcpy_floor": "hk_load_verified / floor_load; target <= 1.2",
+    "load_verified_p90_vs_median": "p90 / median of the hk_load_verified samples; target <= 1.3",
+    "verify_1gb_gbps": "tensor GB / median s of Archive.verify() on the inspect archive; >= 2",
+    "cli_verify_1gb_gbps": "tensor GB / median wall s of the `hkstore verify` process; >= 2",
     "load_vs_declearn_msgpack": "hk_load_verified / dl_msgpack_load; target <= 0.25 (4x faster)",
     "load_vs_declearn_json": "hk_load_verified / dl_json_load; target <= 0.0667 (15x faster)",
     "inspect_1gb_ms": "median ms of open_archive(path).manifest on the inspect archive; < 50",
@@ -337,6 +351,8 @@ class Hk:
         self.mod: Any = None
         self.missing: dict[str, str] = {}
         self.has_verify = False
+        self.workers: int | None = None  # --workers; None: hkstore's default
+        self.has_workers = False
         self.functions = "reference"
         self.functions_note: str | None = None
         if not enabled:
@@ -356,9 +372,15 @@ class Hk:
                 self.missing[name] = f"hkstore.{name} not available ({type(exc).__name__})"
         if "load" not in self.missing:
             try:
-                self.has_verify = "verify" in inspect.signature(hkstore.load).parameters
+                params = inspect.signature(hkstore.load).parameters
+                self.has_verify = "verify" in params
+                self.has_workers = "workers" in params
             except (TypeError, ValueError):
                 self.has_verify = False
+
+    def kw(self) -> dict[str, Any]:
+        """``workers=`` for hkstore calls, when given and supported."""
+        return {"workers": self.workers} if self.workers is not None and self.has_workers else {}
 
     def why_not(self, *names: str) -> str | None:
         """None when all ``names`` exist, else the reason to skip."""
@@ -372,7 +394,8 @@ class Hk:
         return m
 
     def save(self, model: Any, path: Path, compression: str | None = None) -> Any:
-        return self.mod.save(model, path, functions=self.functions, compression=compression)
+        return self.mod.save(model, path, functions=self.functions, compression=compression,
+                             **self.kw())
 
     def pick_functions(self, model: Any, path: Path) -> None:
         """Save by reference when hkstore accepts ``bench_models:mlp``; else functions="none"."""
@@ -803,20 +826,22 @@ def bench_size(label: str, params: int, args: argparse.Namespace, hk: Hk, dl: Dl
         else:
             cases += [
                 Case("hk_load_verified",
-                     lambda: hk.mod.load(hk_in, model=fn, loss=bench_models.mse), check=True),
+                     lambda: hk.mod.load(hk_in, model=fn, loss=bench_models.mse, **hk.kw()),
+                     check=True),
                 Case("hk_load_zstd",
-                     lambda: hk.mod.load(hkz_in, model=fn, loss=bench_models.mse), check=True),
+                     lambda: hk.mod.load(hkz_in, model=fn, loss=bench_models.mse, **hk.kw()),
+                     check=True),
             ]
             if hk.has_verify:
                 cases.append(Case("hk_load_noverify",
                                   lambda: hk.mod.load(hk_in, model=fn, loss=bench_models.mse,
-                                                      verify=False), check=True))
+                                                      verify=False, **hk.kw()), check=True))
             else:
                 skipped["hk_load_noverify"] = "hkstore.load has no `verify` parameter"
         why_dumps = hk.why_not("dumps")
         if why_dumps is None:
             try:
-                hk_blob = hk.mod.dumps(hk_model, functions=hk.functions)
+                hk_blob = hk.mod.dumps(hk_model, functions=hk.functions, **hk.kw())
                 sizes_on_disk["hkstore_dumps"] = len(hk_blob)
             except Exception as exc:
                 why_dumps = f"hkstore.dumps failed: {type(exc).__name__}: {exc}"
@@ -824,12 +849,13 @@ def bench_size(label: str, params: int, args: argparse.Namespace, hk: Hk, dl: Dl
         if why_dumps:
             skipped["hk_dumps"] = why_dumps
         else:
-            cases.append(Case("hk_dumps", lambda: hk.mod.dumps(hk_model, functions=hk.functions)))
+            cases.append(Case("hk_dumps", lambda: hk.mod.dumps(hk_model, functions=hk.functions,
+                                                               **hk.kw())))
         if why_loads:
             skipped["hk_loads"] = why_loads
         else:
             cases.append(Case("hk_loads", lambda: hk.mod.loads(
-                hk_blob, model=fn, loss=bench_models.mse), check=True))
+                hk_blob, model=fn, loss=bench_models.mse, **hk.kw()), check=True))
 
     samples, failed = run_interleaved(cases, args.reps, expected)
     skipped.update(failed)
@@ -994,7 +1020,56 @@ def bench_inspect(args: argparse.Namespace, hk: Hk, work: Path) -> dict[str, Any
         res["skipped"] = why
         print(f"  SKIP inspect: {why}")
     res["cli"] = bench_cli(path)
+    res["verify"] = bench_verify(path, hk, args.reps)
     unlink(path)
+    return res
+
+
+def bench_verify(path: Path, hk: Hk, reps: int) -> dict[str, Any]:
+    """``Archive.verify()`` in process and the ``hkstore verify`` process, in GB/s of tensors."""
+    why = hk.why_not("open_archive")
+    if why:
+        print(f"  SKIP verify: {why}")
+        return {"skipped": why}
+    kw = hk.kw() if "workers" in inspect.signature(hk.mod.open_archive).parameters else {}
+    with hk.mod.open_archive(path) as ar:
+        nbytes = sum(e.nbytes for e in ar.tensor_entries().values())
+    samples = []
+    for i in range(max(5, reps) + 1):
+        t0 = time.perf_counter()
+        with hk.mod.open_archive(path, **kw) as ar:
+            ar.verify()
+        if i:  # the first run warms the page cache
+            samples.append((time.perf_counter() - t0) * 1e3)
+    ms = median(samples)
+    assert ms is not None
+    res: dict[str, Any] = {"tensor_bytes": nbytes, "ms": ms, "samples_ms": samples,
+                           "gbps": nbytes / (ms * 1e6)}
+    print(f"  Archive.verify()               {ms:.1f} ms = {res['gbps']:.2f} GB/s "
+          f"(median of {len(samples)}; " + " ".join(f"{v:.0f}" for v in samples) + ")")
+    cmd = [*cli_command(), "verify", str(path)]
+    if hk.workers is not None:
+        cmd += ["--workers", str(hk.workers)]
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    wall = []
+    for i in range(6):
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, capture_output=True, env=env, timeout=300, check=False)
+        dt = (time.perf_counter() - t0) * 1e3
+        if proc.returncode != 0:
+            tail = proc.stderr.decode(errors="replace").strip().splitlines()[-1:]
+            res["cli"] = {"skipped": f"`hkstore verify` exited {proc.returncode}: {tail}"}
+            print(f"  SKIP cli verify: {res['cli']['skipped']}")
+            return res
+        if i:
+            wall.append(dt)
+    cli_ms = median(wall)
+    assert cli_ms is not None
+    res["cli"] = {"ms": cli_ms, "samples_ms": wall, "gbps": nbytes / (cli_ms * 1e6),
+                  "command": [*cmd[:2], "ARCHIVE", *cmd[3:]]}
+    print(f"  `hkstore verify` process       {cli_ms:.1f} ms = {res['cli']['gbps']:.2f} GB/s "
+          "(whole process, median of 5)")
     return res
 
 
@@ -1255,6 +1330,9 @@ def compute_ratios(sizes: Mapping[str, Any], inspect_res: Mapping[str, Any],
     last = list(sizes.values())[-1] if sizes else {"median_ms": {}}
     m: Mapping[str, float | None] = last["median_ms"]
     loads = [v for v in (m.get("hk_load_verified"), m.get("hk_load_noverify")) if v is not None]
+    verified = sorted(last.get("samples_ms", {}).get("hk_load_verified", []))
+    p90 = verified[max(0, -(-len(verified) * 9 // 10) - 1)] if verified else None
+    verify = inspect_res.get("verify", {})
     rss = last.get("peak_rss", {}).get("hk_load_verified", {})
     nets = grads.get("nets", {})
     sps = nets.get("mlp", {}).get("steps_per_s", {})
@@ -1264,6 +1342,10 @@ def compute_ratios(sizes: Mapping[str, Any], inspect_res: Mapping[str, Any],
         "save_vs_safetensors": ratio(m.get("hk_save"), m.get("st_save")),
         "load_verified_vs_safetensors": ratio(m.get("hk_load_verified"), m.get("st_load")),
         "load_vs_memcpy_floor": ratio(min(loads) if loads else None, m.get("floor_load")),
+        "load_verified_vs_memcpy_floor": ratio(m.get("hk_load_verified"), m.get("floor_load")),
+        "load_verified_p90_vs_median": ratio(p90, m.get("hk_load_verified")),
+        "verify_1gb_gbps": verify.get("gbps"),
+        "cli_verify_1gb_gbps": verify.get("cli", {}).get("gbps"),
         "load_vs_declearn_msgpack": ratio(m.get("hk_load_verified"), m.get("dl_msgpack_load")),
         "load_vs_declearn_json": ratio(m.get("hk_load_verified"), m.get("dl_json_load")),
         "inspect_1gb_ms": inspect_res.get("manifest_ms"),
@@ -1340,6 +1422,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "1M); an Adam state of twice its size goes with it")
     p.add_argument("--no-checkpoint", action="store_true",
                    help="skip the Checkpointer-vs-Orbax section")
+    p.add_argument("--workers", type=int, default=None,
+                   help="workers= for every hkstore call (default: hkstore's own, every core)")
     p.add_argument("--no-declearn", action="store_true", help="skip the declearn cases")
     p.add_argument("--no-hkstore", action="store_true",
                    help="skip the hkstore cases (baselines only)")
@@ -1371,10 +1455,14 @@ def main(argv: list[str] | None = None) -> int:
     args.checkpoint_params = (args.checkpoint_params or parse_sizes("1M" if q else "100M"))[0][1]
 
     t_start = time.perf_counter()
+    load_start = list(os.getloadavg())
     import jax
 
     dl = Dl(enabled=not args.no_declearn, keep_x64=args.keep_x64)
     hk = Hk(enabled=not args.no_hkstore)
+    hk.workers = args.workers
+    if args.workers is not None and not hk.has_workers:
+        print("note: this hkstore takes no workers=; --workers ignored")
     cpu_policy(hk, dl)
     for name, why in hk.missing.items():
         print(f"note: {why}" if why.startswith(("hkstore.", "hkstore disabled"))
@@ -1384,7 +1472,8 @@ def main(argv: list[str] | None = None) -> int:
     machine = machine_description()
     print(f"machine: {machine['cpu_count']} cpu, {machine['cpu_model']}, python "
           f"{machine['python']}, jax {jax.__version__} ({machine['jax_backend']}), "
-          f"declearn {dl.version}, x64={machine['jax_enable_x64']}")
+          f"declearn {dl.version}, x64={machine['jax_enable_x64']}, load average "
+          + " ".join(f"{v:.2f}" for v in load_start))
     base = pick_tmpdir(args.tmpdir)
     work = Path(tempfile.mkdtemp(prefix="hkstore-bench-", dir=base))
     print(f"files under {work}")
@@ -1416,7 +1505,8 @@ def main(argv: list[str] | None = None) -> int:
                    "declearn": dl.version, "declearn_skip_reason": dl.reason,
                    "hkstore_missing": hk.missing, "hkstore_functions": hk.functions,
                    "hkstore_functions_note": hk.functions_note,
-                   "hkstore_load_has_verify": hk.has_verify},
+                   "hkstore_load_has_verify": hk.has_verify, "workers": args.workers,
+                   "loadavg_start": load_start, "loadavg_end": list(os.getloadavg())},
         "sizes": sizes,
         "inspect": inspect_res,
         "grads": grads,
@@ -1430,7 +1520,8 @@ def main(argv: list[str] | None = None) -> int:
           "grads: hkstore steps/s / declearn's)")
     for key, value in ratios.items():
         print(f"  {key:<30}{'skipped' if value is None else f'{value:.3f}'}")
-    print(f"total wall time {report['wall_s']:.1f} s")
+    print(f"total wall time {report['wall_s']:.1f} s; load average at the end "
+          + " ".join(f"{v:.2f}" for v in report["config"]["loadavg_end"]))
     if args.json:
         args.json.write_text(json.dumps(report, indent=1, default=str) + "\n", encoding="utf-8")
         print(f"wrote {args.json}")

@@ -1,7 +1,8 @@
 """Time hkstore's weights codec against raw safetensors, side by side in one loop.
 
 Usage: python tools/weights_speed.py [--tensors 24] [--rows 4096] [--cols 1024] [--reps 5]
-                                     [--dir /dev/shm]
+                                     [--dir /dev/shm] [--workers N] [--digest blake3|sha256]
+                                     [--breakdown]
 
 Every case runs once per repetition, interleaved, after a warm-up; medians are printed with
 the ratios hkstore / safetensors. "+put" cases also ``jax.device_put`` every array and block
@@ -30,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hkstore.store._crc32 import CRC32_IMPLEMENTATION
 from hkstore.store._crc32 import crc32 as default_crc32
+from hkstore.store._digests import digest_hex
 from hkstore.store._weights import TensorSpec, WeightsReader, aligned_empty, write_weights
 
 
@@ -71,6 +73,7 @@ def _parts(arrays: dict[str, np.ndarray], path: Path) -> dict[str, Callable[[], 
 
     return {
         "part sha256": lambda: [hashlib.sha256(a.data).digest() for a in arrays.values()],
+        "part blake3": lambda: [digest_hex("blake3", a.data) for a in arrays.values()],
         f"part crc32 {CRC32_IMPLEMENTATION}": lambda: [
             default_crc32(a.data, 0) for a in arrays.values()
         ],
@@ -86,7 +89,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cols", type=int, default=1024)
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--dir", default="/dev/shm" if os.path.isdir("/dev/shm") else None)
-    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--workers", type=int, default=None,
+                        help="threads (default: every core this process may use)")
+    parser.add_argument("--digest", choices=("blake3", "sha256"), default="blake3")
     parser.add_argument("--max-inflight", type=int, default=2)
     parser.add_argument(
         "--breakdown", action="store_true", help="also time each part alone on one thread"
@@ -113,13 +118,16 @@ def main(argv: list[str] | None = None) -> int:
                 crc32=crc,
                 workers=args.workers,
                 max_inflight=args.max_inflight,
+                digest=args.digest,
             )
-            digests.update(written.tensor_sha256)
+            digests.update(written.tensor_digests)
 
     def hk_load(verify: bool) -> dict[str, np.ndarray]:
         fd = os.open(hk_path, os.O_RDONLY)
         try:
-            return WeightsReader(fd).read_all(digests if verify else None, workers=args.workers)
+            return WeightsReader(fd).read_all(
+                digests if verify else None, algorithm=args.digest, workers=args.workers
+            )
         finally:
             os.close(fd)
 
@@ -174,13 +182,13 @@ def main(argv: list[str] | None = None) -> int:
         if "hkstore" in name:
             print(f"  {name:40s} {value / med[base[kind]]:6.2f}x")
     if args.breakdown:
-        sha = med["part sha256"]
+        sha = med[f"part {args.digest}"]
         save = sha + med[f"part crc32 {CRC32_IMPLEMENTATION}"] + med["part write file"]
         load = sha + med["part pread into aligned buffers"]
         print(
-            f"one-thread work: save {save:.1f} ms (sha256 + crc32 + write), verified load "
-            f"{load:.1f} ms (sha256 + pread); split perfectly over 2 cores: {save / 2:.1f} / "
-            f"{load / 2:.1f} ms"
+            f"one-thread work: save {save:.1f} ms ({args.digest} + crc32 + write), verified "
+            f"load {load:.1f} ms ({args.digest} + pread); split perfectly over 2 cores: "
+            f"{save / 2:.1f} / {load / 2:.1f} ms"
         )
     return 0
 

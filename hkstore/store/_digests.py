@@ -87,7 +87,14 @@ def new_hasher(algorithm: str, *, threads: int = 1) -> Hasher:
 
 
 def digest_hex(algorithm: str, data: ReadableBuffer, *, threads: int = 1) -> str:
-    """Return the lower-case hex digest of ``data`` with ``algorithm`` (see :func:`new_hasher`)."""
+    """Return the lower-case hex digest of ``data`` with ``algorithm`` (see :func:`new_hasher`).
+
+    ``data`` is any C-contiguous buffer (a float32 array's memory is hashed as its bytes; the
+    ``blake3`` package itself takes byte buffers only).
+    """
+    view = memoryview(data)
+    if view.format != "B" or view.ndim != 1:
+        view = view.cast("B")
     hasher = new_hasher(algorithm, threads=threads)
-    hasher.update(data)
+    hasher.update(view)
     return hasher.hexdigest()
