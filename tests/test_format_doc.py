@@ -182,7 +182,7 @@ def test_checkpoint_worked_example_is_exact() -> None:
     assert f"`state.safetensors` ({len(state)} bytes)" in text
     reader = WeightsReader(state)
     assert reader.header_sha256 == record.state.header_sha256
-    arrays = reader.read_all(record.state.digests)
+    arrays = reader.read_all(record.state.digests, algorithm="sha256")
     assert int(arrays["$.count"]) == 3 and arrays['$.mu["lin:w"]'].tolist() == [[0.5] * 3] * 2
     # a writer given the same inputs writes the same bytes
     state_json = {k: v for k, v in json.loads(record_bytes)["state"].items() if k != "member"}
@@ -202,3 +202,37 @@ def test_checkpoint_node_table_lists_every_node_type() -> None:
     for row in _rows("\n".join(line for line in block.splitlines() if line.startswith("|"))):
         documented += re.findall(r"`([a-z]+)`", row[0])
     assert documented == list(NODE_TYPES)
+
+
+# --- tensor digests -----------------------------------------------------------------------------
+
+
+def _indented_rows(block: str) -> list[list[str]]:
+    lines = [line.strip() for line in block.splitlines() if line.strip().startswith("|")]
+    return [[cell.strip() for cell in line.strip("|").split("|")] for line in lines[2:]]
+
+
+def test_digest_table_is_the_algorithm_table() -> None:
+    from hkstore.store._digests import ALGORITHMS, digest_hex
+
+    rows = _indented_rows(_block("digest-table"))
+    assert [_code(r[0]) for r in rows] == list(ALGORITHMS)
+    for row in rows:
+        assert _code(row[2]) == digest_hex(_code(row[0]), b""), row[0]
+
+
+def test_worked_example_tensor_digests_check_with_standard_libraries() -> None:
+    import blake3
+
+    weights = bytes.fromhex("".join(_example("weights-hex").decode("ascii").split()))
+    reader = WeightsReader(weights)
+    rows = _rows(_block("tensor-digests"))
+    assert [_code(r[0]) for r in rows] == ["lin:w", "lin:b", "s"]
+    for row in rows:
+        entry = reader.entries[_code(row[0])]
+        data = weights[reader.header_size + entry.begin : reader.header_size + entry.end]
+        assert data == (b"" if row[1] == "(empty)" else bytes.fromhex(_code(row[1])))
+        assert _code(row[2]) == hashlib.sha256(data).hexdigest()
+        assert _code(row[3]) == blake3.blake3(data).hexdigest()
+    manifest = decode_manifest(_example("manifest"))
+    assert {t.name: t.digest for t in manifest.tensors} == {_code(r[0]): _code(r[2]) for r in rows}
