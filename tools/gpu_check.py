@@ -10,7 +10,9 @@ What it does, in one process, in about 1-2 minutes on an H100/H200:
    every repetition (jax caches an array's host copy, so a re-used array would time nothing):
    ``np.asarray(x)`` (what declearn and naive savers do) next to
    ``np.asarray(jax.device_put(x, SingleDeviceSharding(gpu, memory_kind="pinned_host")))``;
-   then the same two copies over the weights of the model below.
+   then the same two copies over the weights of the model below, and hkstore's own staging
+   stream (``hkstore.model._device.to_host_stream``: pinned copies started up to 256 MiB
+   ahead of the one being consumed), which is what ``hkstore.save`` runs.
 2. Save from the GPU. The MLP of ``tools/bench_models.py`` with ``--params`` float32 weights on
    the GPU, fresh device copies of its weights before each repetition: ``hkstore.save`` (file on
    tmpfs), raw ``safetensors.numpy.save_file`` of ``np.asarray`` of each weight, and declearn's
@@ -18,7 +20,11 @@ What it does, in one process, in about 1-2 minutes on an H100/H200:
 3. Round trip. The archive is loaded onto the CPU (``set_device_policy(gpu=False)``), compared
    bit for bit with the GPU weights, moved back (``update_device_policy``), compared again, and
    loaded straight onto the GPU and compared a third time. Placement is checked each time.
-4. ``compute_batch_gradients`` steps/s, plain and clipped (``max_norm=1.0``) on the fast path
+4. Load onto the GPU: ``hkstore.load`` (verified; each tensor's host-to-device copy issued as
+   soon as its digest matched, ``early_placement``) against raw ``safetensors`` ``load_file``
+   + ``jax.device_put`` of each array, both waited for with ``block_until_ready``; GB/s of
+   weights. Also with ``workers=1``.
+5. ``compute_batch_gradients`` steps/s, plain and clipped (``max_norm=1.0``) on the fast path
    (``clipping="auto"``) and on the per-sample path, hkstore vs declearn, on the MLP
    (``--grad-params`` 10M) and the small conv net of ``bench_models``, same weights and batch
    (``--grad-batch`` 256); then the device memory XLA assigns to one plain, fast-clipped and
@@ -112,6 +118,11 @@ def stage_check(gpu: Any, stage_mb: float, reps: int, weights: Mapping[str, Any]
     def via_pinned() -> Any:
         return {k: np.asarray(jax.device_put(v, pinned)) for k, v in holder.items()}
 
+    def via_stream() -> Any:
+        from hkstore.model._device import to_host_stream
+
+        return dict(to_host_stream(list(holder.items())))
+
     res: dict[str, Any] = {}
     for label, fresh, nbytes in (("array", fresh_big, 4 * n),
                                  ("weights", fresh_weights,
@@ -119,9 +130,15 @@ def stage_check(gpu: Any, stage_mb: float, reps: int, weights: Mapping[str, Any]
         res[label] = {"bytes": nbytes, "asarray_gbps": gbps(nbytes, timed(plain, reps, fresh))}
         if pinned is not None:
             res[label]["pinned_host_gbps"] = gbps(nbytes, timed(via_pinned, reps, fresh))
+        try:
+            res[label]["hkstore_stream_gbps"] = gbps(nbytes, timed(via_stream, reps, fresh))
+        except ImportError as exc:
+            res[label]["hkstore_stream_skipped"] = str(exc)
         print(f"  staging {label:<8} {nbytes / 1e6:8.0f} MB: np.asarray "
               f"{res[label]['asarray_gbps']:6.2f} GB/s; pinned_host "
-              + (f"{res[label]['pinned_host_gbps']:6.2f} GB/s" if pinned else "not offered"))
+              + (f"{res[label]['pinned_host_gbps']:6.2f} GB/s" if pinned else "not offered")
+              + (f"; hkstore stream {res[label]['hkstore_stream_gbps']:6.2f} GB/s"
+                 if "hkstore_stream_gbps" in res[label] else ""))
     holder.clear()
     report["staging"] = res
 
@@ -243,6 +260,50 @@ def save_check(args: argparse.Namespace, hk: bench.Hk, dl: bench.Dl, work: Path,
     trip["problems"] = problems
     for p in problems:
         print(f"  PROBLEM {p}")
+    load_check(args, hk, path, widths, nbytes, report)
+
+
+def load_check(args: argparse.Namespace, hk: bench.Hk, path: Path, widths: list[int],
+               nbytes: int, report: dict[str, Any]) -> None:
+    """Verified hkstore.load straight onto the GPU against safetensors load_file + device_put."""
+    import jax
+    from safetensors.numpy import load_file, save_file
+
+    res: dict[str, Any] = {"weights_bytes": nbytes}
+    report["load_to_gpu"] = res
+    fn = bench.model_fn(widths)
+    policy = hk.mod.get_device_policy()
+    st_path = path.with_suffix(".safetensors")
+    with hk.mod.open_archive(path) as archive:
+        save_file(archive.read_weights(), str(st_path))
+    gpu = jax.devices()[0]
+    cases: dict[str, Callable[[], Any]] = {
+        "st_load_put": lambda: {k: jax.device_put(v, gpu)
+                                for k, v in load_file(str(st_path)).items()},
+        "hk_load": lambda: hk.mod.load(path, model=fn, loss=bench_models.mse),
+    }
+    if hk.has_workers:
+        cases["hk_load_workers1"] = lambda: hk.mod.load(path, model=fn, loss=bench_models.mse,
+                                                        workers=1)
+    try:
+        with bench.quiet():
+            hk.mod.set_device_policy(gpu=True)
+            for name, case in cases.items():
+                secs = timed(case, args.reps)
+                res[name] = {"median_ms": float(np.median(secs)) * 1e3,
+                             "gbps": gbps(nbytes, secs), "samples_ms": [s * 1e3 for s in secs]}
+                print(f"  load to GPU {name:<18}{res[name]['median_ms']:9.1f} ms  "
+                      f"{res[name]['gbps']:6.2f} GB/s")
+    except Exception as exc:
+        res["failed"] = f"{type(exc).__name__}: {exc}"
+        print(f"  PROBLEM load to GPU: {res['failed']}")
+    finally:
+        hk.mod.set_device_policy(gpu=policy.gpu, idx=policy.idx)
+        st_path.unlink(missing_ok=True)
+    if "hk_load" in res and "st_load_put" in res:
+        res["hk_vs_safetensors"] = res["hk_load"]["median_ms"] / res["st_load_put"]["median_ms"]
+        print(f"  verified hkstore load / safetensors load+put on the GPU: "
+              f"{res['hk_vs_safetensors']:.2f}x")
 
 
 def main(argv: list[str] | None = None) -> int:
