@@ -2,11 +2,16 @@
 
 Usage: python tools/weights_speed.py [--tensors 24] [--rows 4096] [--cols 1024] [--reps 5]
                                      [--dir /dev/shm] [--workers N] [--digest blake3|sha256]
-                                     [--breakdown]
+                                     [--breakdown] [--spread N]
 
 Every case runs once per repetition, interleaved, after a warm-up; medians are printed with
 the ratios hkstore / safetensors. "+put" cases also ``jax.device_put`` every array and block
 until ready (jax on CPU aliases hkstore's 64-byte-aligned buffers, so that step is ~free).
+
+``--spread N`` then runs the verified load N more times alone and prints, per sample, the wall
+time, the process's CPU time, its involuntary context switches (preemption by other
+processes), voluntary ones (waits: the GIL, futures) and minor page faults (fresh buffers),
+then p90 / median: what explains a slow sample.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import argparse
 import gc
 import hashlib
 import os
+import resource
 import statistics
 import sys
 import tempfile
@@ -96,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--breakdown", action="store_true", help="also time each part alone on one thread"
     )
+    parser.add_argument("--spread", type=int, default=0, metavar="N",
+                        help="then N verified loads alone, with per-sample CPU/ctx/fault counts")
     args = parser.parse_args(argv)
 
     rng = np.random.default_rng(0)
@@ -145,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.breakdown:
         cases.update(_parts(arrays, folder / "part.bin"))
     times: dict[str, list[float]] = {name: [] for name in cases}
+    spread: list[tuple[float, float, int, int, int]] = []
     try:
         hk_save()
         hk_bytes = hk_path.read_bytes()
@@ -157,6 +166,16 @@ def main(argv: list[str] | None = None) -> int:
                 del result
                 if rep:
                     times[name].append(elapsed)
+        for _ in range(args.spread):
+            gc.collect()
+            before = resource.getrusage(resource.RUSAGE_SELF)
+            cpu, start = time.process_time(), time.perf_counter()
+            result = hk_load(True)
+            elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
+            after = resource.getrusage(resource.RUSAGE_SELF)
+            del result
+            spread.append((elapsed * 1e3, cpu * 1e3, after.ru_nivcsw - before.ru_nivcsw,
+                           after.ru_nvcsw - before.ru_nvcsw, after.ru_minflt - before.ru_minflt))
     finally:
         for path in (st_path, hk_path, folder / "part.bin"):
             path.unlink(missing_ok=True)
@@ -190,6 +209,17 @@ def main(argv: list[str] | None = None) -> int:
             f"load {load:.1f} ms ({args.digest} + pread); split perfectly over 2 cores: "
             f"{save / 2:.1f} / {load / 2:.1f} ms"
         )
+    if spread:
+        print(f"verified load alone x{len(spread)}: wall ms, cpu ms, involuntary / voluntary "
+              "context switches, minor faults")
+        for row in spread:
+            wall, cpu_ms, invol, vol, faults = row
+            print(f"  {wall:8.1f} {cpu_ms:8.1f} {invol:6d} {vol:6d} {faults:7d}")
+        walls = sorted(row[0] for row in spread)
+        p90 = walls[max(0, -(-len(walls) * 9 // 10) - 1)]
+        mid = statistics.median(walls)
+        print(f"  median {mid:.1f} ms, p90 {p90:.1f} ms, p90/median {p90 / mid:.2f}; load "
+              "average " + " ".join(f"{v:.2f}" for v in os.getloadavg()))
     return 0
 
 

@@ -3,7 +3,8 @@
 Map: ``_container`` (the ZIP container and its one strict parser), ``_members`` (the member
 names), ``_manifest``, ``_records`` and ``_canonical`` (the canonical JSON manifest),
 ``_config`` (the model config document), ``_weights`` (the safetensors codec), ``_dtypes``
-(the one dtype table), ``_functions`` / ``_zstd`` / ``_pickle_scan`` (function references,
+(the one dtype table), ``_digests`` (the tensor-digest table: SHA-256, BLAKE3), ``_workers``
+(the one thread-pool policy), ``_functions`` / ``_zstd`` / ``_pickle_scan`` (function references,
 the opt-in pickle blob, static pickle listing), ``_signing`` / ``_keys`` (Ed25519 and
 HMAC-SHA256), ``_trust`` and ``_gate`` (what a loader agrees to run), ``_limits``,
 ``_atomic`` (durable writes), ``_archive`` (writing and lazily reading whole archives);

@@ -221,6 +221,10 @@ class Archive:
     """An open hkstore archive: manifest and structure checked, tensors read on demand.
 
     Use :func:`open_archive` to make one; close it (or use ``with``) to release the file.
+
+    Attributes:
+        workers: threads for reads and digest checks (``None``: every core the process may
+            use, decided per call); each read method can override it.
     """
 
     def __init__(self, source: str | os.PathLike[str] | bytes | bytearray | memoryview,
