@@ -235,6 +235,28 @@ def test_dumps_loads_round_trip(compression: str | None) -> None:
         hkstore.loads("model.hkz")  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("workers", [1, 2, None])
+def test_workers_pass_through_save_load_dumps_loads(tmp_path: Path, workers: int | None) -> None:
+    model = perturbed(CASES[1])
+    path = tmp_path / "w.hkz"
+    hkstore.save(model, path, workers=workers)
+    assert_same_model(hkstore.load(path, trust=TOYS, workers=workers), model)
+    data = hkstore.dumps(model, workers=workers)
+    assert data == path.read_bytes()  # the same bytes whatever the thread count
+    assert_same_model(hkstore.loads(data, trust=TOYS, workers=workers), model)
+    with hkstore.open_archive(path) as archive:
+        assert archive.manifest.digest_algorithm == "blake3"
+
+
+def test_bad_workers_fail_before_anything_is_written(tmp_path: Path) -> None:
+    model = perturbed(CASES[1])
+    with pytest.raises(ValueError, match="workers must be >= 1, got 0"):
+        hkstore.save(model, tmp_path / "w.hkz", workers=0)
+    assert not (tmp_path / "w.hkz").exists()
+    with pytest.raises(TypeError, match="workers must be an int"):
+        hkstore.load(tmp_path / "missing.hkz", workers="2")  # type: ignore[arg-type]
+
+
 def test_load_places_weights_on_the_loaders_device(tmp_path: Path) -> None:
     cpu0, cpu1 = jax.devices("cpu")[:2]
     with device_policy(gpu=False, idx=0):
