@@ -11,7 +11,9 @@ until ready (jax on CPU aliases hkstore's 64-byte-aligned buffers, so that step 
 ``--spread N`` then runs the verified load N more times alone and prints, per sample, the wall
 time, the process's CPU time, its involuntary context switches (preemption by other
 processes), voluntary ones (waits: the GIL, futures) and minor page faults (fresh buffers),
-then p90 / median: what explains a slow sample.
+and the machine-wide count of direct memory compactions during the sample (``compact_stall`` in
+``/proc/vmstat``: a fresh buffer's huge-page fault that had to defragment memory first), then
+p90 / median: what explains a slow sample.
 """
 
 from __future__ import annotations
@@ -53,6 +55,18 @@ def _aligned_put_is_zero_copy(arrays: dict[str, np.ndarray]) -> bool:
     import jax
 
     return all(jax.device_put(a).unsafe_buffer_pointer() == a.ctypes.data for a in arrays.values())
+
+
+def _compact_stalls() -> int:
+    """Machine-wide direct compactions so far (0 where /proc/vmstat is unreadable)."""
+    try:
+        with open("/proc/vmstat", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("compact_stall "):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
 
 
 def _parts(arrays: dict[str, np.ndarray], path: Path) -> dict[str, Callable[[], object]]:
@@ -153,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.breakdown:
         cases.update(_parts(arrays, folder / "part.bin"))
     times: dict[str, list[float]] = {name: [] for name in cases}
-    spread: list[tuple[float, float, int, int, int]] = []
+    spread: list[tuple[float, float, int, int, int, int]] = []
     try:
         hk_save()
         hk_bytes = hk_path.read_bytes()
@@ -168,14 +182,15 @@ def main(argv: list[str] | None = None) -> int:
                     times[name].append(elapsed)
         for _ in range(args.spread):
             gc.collect()
-            before = resource.getrusage(resource.RUSAGE_SELF)
+            before, stalls = resource.getrusage(resource.RUSAGE_SELF), _compact_stalls()
             cpu, start = time.process_time(), time.perf_counter()
             result = hk_load(True)
             elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
-            after = resource.getrusage(resource.RUSAGE_SELF)
+            after, stalls = resource.getrusage(resource.RUSAGE_SELF), _compact_stalls() - stalls
             del result
             spread.append((elapsed * 1e3, cpu * 1e3, after.ru_nivcsw - before.ru_nivcsw,
-                           after.ru_nvcsw - before.ru_nvcsw, after.ru_minflt - before.ru_minflt))
+                           after.ru_nvcsw - before.ru_nvcsw, after.ru_minflt - before.ru_minflt,
+                           stalls))
     finally:
         for path in (st_path, hk_path, folder / "part.bin"):
             path.unlink(missing_ok=True)
@@ -211,10 +226,10 @@ def main(argv: list[str] | None = None) -> int:
         )
     if spread:
         print(f"verified load alone x{len(spread)}: wall ms, cpu ms, involuntary / voluntary "
-              "context switches, minor faults")
+              "context switches, minor faults, machine-wide compaction stalls")
         for row in spread:
-            wall, cpu_ms, invol, vol, faults = row
-            print(f"  {wall:8.1f} {cpu_ms:8.1f} {invol:6d} {vol:6d} {faults:7d}")
+            wall, cpu_ms, invol, vol, faults, stalls = row
+            print(f"  {wall:8.1f} {cpu_ms:8.1f} {invol:6d} {vol:6d} {faults:7d} {stalls:5d}")
         walls = sorted(row[0] for row in spread)
         p90 = walls[max(0, -(-len(walls) * 9 // 10) - 1)]
         mid = statistics.median(walls)
