@@ -31,9 +31,9 @@ What it does, in one process, in about 1-2 minutes on an H100/H200:
    per-sample-clipped step at that batch.
 
 hkstore parts are skipped with a printed reason while its API is missing; declearn parts while
-declearn is not importable. The GPU image lacks dm-haiku, jmp, zstandard, jsonschema (with
-referencing, rpds-py, jsonschema-specifications) and declearn (with fire, gmpy2, termcolor):
-carry them as cp312 wheels (see the device tool's README) and put them on PYTHONPATH.
+declearn is not importable. The GPU image lacks dm-haiku, jmp, zstandard, blake3, jsonschema
+(with referencing, rpds-py, jsonschema-specifications) and declearn (with fire, gmpy2,
+termcolor): carry them as cp312 wheels (see the device tool's README) and put them on PYTHONPATH.
 """
 
 from __future__ import annotations
