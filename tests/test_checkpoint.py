@@ -40,6 +40,7 @@ from helpers_models import (
 
 import hkstore
 from hkstore import Checkpointer, HaikuModel
+from hkstore.cli import main
 from hkstore.errors import (
     ArchiveFormatError,
     CheckpointExistsError,
@@ -162,6 +163,40 @@ def test_saving_an_existing_round_raises_unless_overwrite(tmp_path: Path) -> Non
     # another Checkpointer on the same directory knows the round exists too
     with Checkpointer(tmp_path) as again, pytest.raises(CheckpointExistsError):
         again.save(model, 1)
+
+
+def test_an_overwrite_never_leaves_the_round_missing_for_a_reader(tmp_path: Path) -> None:
+    """Overwriting swaps the new round in atomically: a reader polling the directory while the
+    round is replaced again and again always finds it (old or new), and nothing is left aside."""
+    import threading
+
+    from hkstore.store import RoundDirectory
+
+    model = MLP.build()
+    with Checkpointer(tmp_path) as ckpt:
+        ckpt.save(model, 0)
+        ckpt.save(model, 1)
+        missing: list[list[int]] = []
+        done = threading.Event()
+
+        def poll() -> None:
+            folder = RoundDirectory(tmp_path)
+            while not done.is_set():
+                listed = folder.rounds()
+                if 1 not in listed:
+                    missing.append(listed)
+
+        reader = threading.Thread(target=poll)
+        reader.start()
+        try:
+            for value in range(15):
+                ckpt.save(model, 1, metrics={"v": value}, overwrite=True)
+        finally:
+            done.set()
+            reader.join()
+        assert missing == []
+        assert ckpt.restore(1, **GIVEN).metrics == {"v": 14}
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith((".old-", ".tmp-"))]
 
 
 @pytest.mark.parametrize("bad", [-1, 1.0, True, "3", None])
@@ -634,11 +669,19 @@ def test_stale_temp_folders_are_removed_when_a_writer_opens(tmp_path: Path) -> N
 
 
 def test_an_interrupted_overwrite_puts_the_old_round_back(tmp_path: Path) -> None:
-    """A crash between moving the old round aside and renaming the new one into place."""
+    """A crash between moving the old round aside and renaming the new one into place (the
+    two-rename fallback, where folders cannot be swapped atomically)."""
+    from hkstore.store import RoundDirectory, open_round
+
     with Checkpointer(tmp_path) as ckpt:
         save_rounds(ckpt, [1])
     os.rename(tmp_path / "round-00000001", tmp_path / ".old-round-00000001-0badf00d")
     (tmp_path / ".tmp-round-00000001-12345678").mkdir()
+    # readers, before any writer cleans up, still see the round, from the folder aside
+    folder = RoundDirectory(tmp_path)
+    assert folder.rounds() == [1]
+    open_round(folder, 1).verify()
+    assert main(["verify", str(tmp_path)]) == 0
     assert Checkpointer(tmp_path).rounds() == [1]
     assert sorted(p.name for p in tmp_path.iterdir()) == [".lock", "history", "round-00000001"]
 

@@ -9,7 +9,8 @@ Layout (``docs/FORMAT.md`` section 13)::
       .lock                       the writer lock (flock), holding the writer's pid and host
       .tmp-round-00000004-<hex>/  a round being written
       .del-round-00000001-<hex>/  a round being removed
-      .old-round-00000003-<hex>/  a round being replaced (``overwrite=True``)
+      .old-round-00000003-<hex>/  a round being replaced (``overwrite=True``), where the
+                                  file system cannot swap two folders atomically
 
 A round is *complete* when its folder ``round-N`` holds the record ``round.json``. Here that is
 also the moment it appears: a round is written in a temp folder (each file fsynced, then the
@@ -24,13 +25,16 @@ backend (object storage) implements the same methods, and nothing above it chang
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
+import functools
 import json
 import os
 import re
 import secrets
 import shutil
 import socket
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -128,14 +132,32 @@ class RoundDirectory:
             raise CheckpointNotFoundError(f"{self.path}: not a directory") from None
 
     def rounds(self) -> list[int]:
-        """The complete rounds (a ``round-N`` folder holding ``round.json``), ascending."""
-        found = []
+        """The complete rounds (a ``round-N`` folder holding ``round.json``), ascending.
+
+        A round whose replacement (``overwrite=True``) was interrupted between moving the old
+        folder aside and renaming the new one into place is listed too, read from the folder
+        aside (only where folders cannot be swapped atomically: see :meth:`Staging.publish`).
+        """
+        found = set()
         for entry in self._entries():
             n = parse_round_folder(entry.name)
             if n is not None and entry.is_dir(follow_symlinks=False):
                 if os.path.isfile(os.path.join(entry.path, RECORD_MEMBER)):
-                    found.append(n)
+                    found.add(n)
+        found.update(self._replaced())
         return sorted(found)
+
+    def _replaced(self) -> dict[int, Path]:
+        """Rounds only present aside (``.old-round-N-*`` with a record, no ``round-N``)."""
+        out: dict[int, Path] = {}
+        for entry in self._entries():
+            match = _REPLACED_RE.fullmatch(entry.name)
+            if match is None or (self.path / match.group(1)).exists():
+                continue
+            n = parse_round_folder(match.group(1))
+            if n is not None and os.path.isfile(os.path.join(entry.path, RECORD_MEMBER)):
+                out[n] = Path(entry.path)
+        return out
 
     def incomplete(self) -> list[str]:
         """Names of folders that are not complete rounds: temp, removal, record-less rounds."""
@@ -165,8 +187,12 @@ class RoundDirectory:
         return self.path / round_folder_name(round_)
 
     def member_path(self, round_: int, member: str) -> Path:
-        """The path of one file of a round."""
-        return self.round_path(round_) / member
+        """The path of one file of a round (aside, while an interrupted replacement left the
+        round only there: see :meth:`rounds`)."""
+        folder = self.round_path(round_)
+        if not folder.exists():
+            folder = self._replaced().get(round_, folder)
+        return folder / member
 
     def has_member(self, round_: int, member: str) -> bool:
         """Whether the round's folder holds ``member``."""
@@ -382,9 +408,13 @@ class Staging:
     def publish(self, *, overwrite: bool = False) -> None:
         """Make the round appear: fsync the temp folder, rename it to ``round-N``, fsync DIR.
 
-        With ``overwrite``, an existing round is first renamed aside (``.old-round-N-*``) and
-        removed once the new one is in place; a crash in between leaves the old one, which
-        the next writer puts back.
+        With ``overwrite``, the new folder and the existing round are swapped in one atomic
+        step where the file system can (Linux ``renameat2(RENAME_EXCHANGE)``), and the old
+        round, now under the temp name, is removed: at every moment ``round-N`` is the old or
+        the new round, never missing. Elsewhere the old round is first renamed aside
+        (``.old-round-N-*``); a crash before the new one is in place leaves it there, where
+        readers still find it (:meth:`RoundDirectory.rounds`) and the next writer puts it
+        back.
 
         Raises:
             CheckpointExistsError: the round exists and ``overwrite`` is false.
@@ -399,6 +429,11 @@ class Staging:
                     f"round {self.round} is already saved in {self.directory.path} "
                     "(pass overwrite=True to replace it)"
                 )
+            if _exchange(self.folder, target):  # now: target is new, self.folder is old
+                self.published = True
+                fsync_folder(self.directory.path)
+                _remove_tree(self.folder)
+                return
             aside = self.directory.path / f"{_REPLACED}{target.name}-{secrets.token_hex(4)}"
             try:
                 os.rename(target, aside)
@@ -415,6 +450,40 @@ class Staging:
         fsync_folder(self.directory.path)
         if aside is not None:
             _remove_tree(aside)
+
+
+_RENAME_EXCHANGE = 2  # linux/fs.h
+_AT_FDCWD = -100
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two folders atomically (Linux ``renameat2(RENAME_EXCHANGE)``); ``False`` when the
+    platform or the file system cannot (the caller then falls back to two renames)."""
+    renameat2 = _renameat2()
+    if renameat2 is None:
+        return False
+    result = renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE)
+    if result == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM):
+        return False  # not supported here: the two-rename fallback
+    raise _write_error(b, "cannot swap the new round into place", OSError(err, os.strerror(err)))
+
+
+@functools.cache
+def _renameat2() -> Any:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        function = libc.renameat2  # glibc >= 2.28, musl >= 1.2.4
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p,
+                         ctypes.c_uint]
+    function.restype = ctypes.c_int
+    return function
 
 
 def _remove_tree(folder: Path) -> None:
