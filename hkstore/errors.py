@@ -17,6 +17,8 @@ from __future__ import annotations
 
 __all__ = [
     "ArchiveFormatError",
+    "ArrayRecordCastWarning",
+    "ArrayRecordMismatchError",
     "CheckpointExistsError",
     "CheckpointFormatError",
     "CheckpointLockedError",
@@ -45,6 +47,7 @@ __all__ = [
     "RuntimeMismatchError",
     "SignatureError",
     "StateMismatchError",
+    "StrategyStateError",
     "TrustPolicyError",
     "UnsafeTrustWarning",
     "UnsupportedContainerVersionError",
@@ -183,6 +186,22 @@ class WeightsMismatchError(HkstoreError, KeyError, ValueError):
         return str(self.args[0]) if self.args else ""
 
 
+class ArrayRecordMismatchError(WeightsMismatchError):
+    """A Flower ``ArrayRecord`` that does not fit the model (``from_arrayrecord``).
+
+    Every tensor at fault is named: missing or unexpected keys, shapes, dtypes, and ``Array``
+    values whose bytes do not hold what their ``dtype``/``shape`` fields say.
+    """
+
+
+class ArrayRecordCastWarning(UserWarning):
+    """``from_arrayrecord`` cast float64 arrays back to a float32 model's dtype (names them).
+
+    Flower's FedOpt strategies (FedAdam, FedYogi, FedAdagrad) return float64 arrays for a
+    float32 model under NumPy 2; the cast is the one dtype change ``from_arrayrecord`` makes.
+    """
+
+
 class DataInfoError(HkstoreError, ValueError):
     """``data_info`` is missing a field, has a bad value, or conflicts with an earlier one."""
 
@@ -211,6 +230,16 @@ class StateMismatchError(HkstoreError, ValueError):
     """A checkpoint state that cannot be stored, or a ``state_like`` template that does not fit.
 
     The message names every path at fault (``$[0].mu['lin:w']``) and what was expected.
+    """
+
+
+class StrategyStateError(HkstoreError, ValueError):
+    """A federated strategy's state that hkstore cannot save or put back.
+
+    A strategy class with no entry in the state table (and no ``state_attributes``), an
+    attribute holding something the checkpoint format cannot store, or a checkpoint written for
+    another strategy class or with other attributes: the message names the class, attribute or
+    round at fault and what was expected.
     """
 
 
