@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test test-declearn bench install install-dev clean
+.PHONY: demo test test-declearn test-flower bench install install-dev clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -21,13 +21,14 @@ demo: install
 
 # lint, types, the suite (doctests included) on this checkout, then the built wheel: bare (no
 # jax: inspect/verify work) and with the suite run against it in a fresh venv; then the
-# declearn integration in its own venv.
+# declearn and Flower integrations, each in venvs of their own.
 test: install-dev
-	$(BIN)/ruff check hkstore tests tools conftest.py
+	$(BIN)/ruff check hkstore tests tools examples conftest.py
 	$(BIN)/mypy
 	$(BIN)/python -m pytest
 	$(BIN)/python tools/wheel_check.py
 	$(MAKE) test-declearn
+	$(MAKE) test-flower
 
 # The declearn integration: its own venv, pinned to declearn 2.9.1 (the version its guard is
 # checked against); its tests, the doctests of the engine modules, then declearn's own unit
@@ -44,6 +45,28 @@ test-declearn: $(DECLEARN_VENV)/bin/python
 	$(DECLEARN_VENV)/bin/python -m pytest tests/integration/declearn hkstore/integrations/declearn
 	$(DECLEARN_VENV)/bin/python tools/declearn_suite.py --version $(DECLEARN_VERSION)
 
+# The Flower integration, pinned to flwr 1.42.0 (the version its state table is written for):
+# in .venv-flower (flwr without Ray) its tests -- runs through a grid double in one process,
+# checkpointed, killed and resumed in fresh processes -- and the doctests of its modules; in
+# .venv-flower-sim (flwr[simulation]: Ray) examples/flower run once through Flower's
+# simulation engine, SIGKILLed after round 2 and resumed (wall times printed).
+FLOWER_VENV := .venv-flower
+FLOWER_SIM_VENV := .venv-flower-sim
+FLOWER_VERSION := 1.42.0
+$(FLOWER_VENV)/bin/python:
+	$(PYTHON) -m venv $(FLOWER_VENV)
+	$(FLOWER_VENV)/bin/python -m pip install --quiet --upgrade pip
+$(FLOWER_SIM_VENV)/bin/python:
+	$(PYTHON) -m venv $(FLOWER_SIM_VENV)
+	$(FLOWER_SIM_VENV)/bin/python -m pip install --quiet --upgrade pip
+
+test-flower: $(FLOWER_VENV)/bin/python $(FLOWER_SIM_VENV)/bin/python
+	$(FLOWER_VENV)/bin/python -m pip install --quiet -e '.[flower,test]' 'flwr==$(FLOWER_VERSION)'
+	$(FLOWER_VENV)/bin/python -m pytest tests/integration/flower hkstore/integrations/flower
+	$(FLOWER_SIM_VENV)/bin/python -m pip install --quiet -e '.[flower-simulation,test]' \
+		'flwr[simulation]==$(FLOWER_VERSION)'
+	$(FLOWER_SIM_VENV)/bin/python -m pytest -s tests/integration/flower_simulation
+
 # Benchmarks need declearn (the `bench` extra): it lives in its own venv, never in .venv.
 BENCH_VENV := .venv-bench
 $(BENCH_VENV)/bin/python:
@@ -55,4 +78,5 @@ bench: $(BENCH_VENV)/bin/python
 	$(BENCH_VENV)/bin/python tools/bench.py --json bench.json
 
 clean:
-	rm -rf $(VENV) $(BENCH_VENV) $(DECLEARN_VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(BENCH_VENV) $(DECLEARN_VENV) $(FLOWER_VENV) $(FLOWER_SIM_VENV) \
+		.pytest_cache .mypy_cache .ruff_cache

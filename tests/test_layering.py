@@ -276,3 +276,38 @@ def test_declearn_integration_package_without_declearn_or_jax(tmp_path: Path) ->
         "AttributeError",
     ]
     assert "declearn" in mark.read_text()  # the engine names did try, and were refused
+
+
+def test_flower_integration_package_without_flwr(tmp_path: Path) -> None:
+    """Importing the package needs neither flwr nor jax; every name asks for the extra."""
+    folder, mark = blocker(tmp_path)
+    (folder / "flwr").mkdir()
+    (folder / "flwr" / "__init__.py").write_text(
+        "import pathlib\n"
+        f"with pathlib.Path({str(mark)!r}).open('a') as f:\n    f.write('flwr')\n"
+        "raise ImportError('flwr is blocked in this test')\n"
+    )
+    out = python_stdout(
+        """
+        import sys
+
+        import hkstore.integrations.flower as integration
+        from hkstore.errors import MissingDependencyError
+
+        print(sorted(m for m in ("flwr", "jax", "haiku") if m in sys.modules))
+        for name in integration.__all__:
+            try:
+                getattr(integration, name)
+            except MissingDependencyError as exc:
+                print(name, "pip install 'hkstore[flower]'" in str(exc))
+        try:
+            integration.no_such_name
+        except AttributeError:
+            print("AttributeError")
+        """,
+        pythonpath=[folder],
+    )
+    names = ["CheckpointedStrategy", "STATE_FORMAT", "STATE_TABLE", "StateSpec",
+             "array_to_numpy", "from_arrayrecord", "resume", "to_arrayrecord"]
+    assert out.splitlines() == ["[]", *(f"{n} True" for n in names), "AttributeError"]
+    assert "flwr" in mark.read_text()  # the names did try to import flwr, and were refused
