@@ -36,6 +36,16 @@ def blocker(tmp_path: Path) -> tuple[Path, Path]:
     return folder, mark
 
 
+def block_package(folder: Path, mark: Path, name: str) -> None:
+    """Add to ``folder`` a package ``name`` that raises ImportError (and leaves a mark)."""
+    (folder / name).mkdir()
+    (folder / name / "__init__.py").write_text(
+        "import pathlib\n"
+        f"with pathlib.Path({str(mark)!r}).open('a') as f:\n    f.write({name!r})\n"
+        f"raise ImportError('{name} is blocked in this test')\n"
+    )
+
+
 def test_blocker_does_block(tmp_path: Path) -> None:
     """The control: in that interpreter, importing jax or haiku fails (and is recorded)."""
     folder, mark = blocker(tmp_path)
@@ -240,12 +250,7 @@ def test_the_suite_imports_the_hkstore_it_means_to() -> None:
 def test_declearn_integration_package_without_declearn_or_jax(tmp_path: Path) -> None:
     """The conversion part works with neither; the engine names ask for the extra."""
     folder, mark = blocker(tmp_path)
-    (folder / "declearn").mkdir()
-    (folder / "declearn" / "__init__.py").write_text(
-        "import pathlib\n"
-        f"with pathlib.Path({str(mark)!r}).open('a') as f:\n    f.write('declearn')\n"
-        "raise ImportError('declearn is blocked in this test')\n"
-    )
+    block_package(folder, mark, "declearn")
     out = python_stdout(
         """
         import sys
@@ -281,12 +286,7 @@ def test_declearn_integration_package_without_declearn_or_jax(tmp_path: Path) ->
 def test_flower_integration_package_without_flwr(tmp_path: Path) -> None:
     """Importing the package needs neither flwr nor jax; every name asks for the extra."""
     folder, mark = blocker(tmp_path)
-    (folder / "flwr").mkdir()
-    (folder / "flwr" / "__init__.py").write_text(
-        "import pathlib\n"
-        f"with pathlib.Path({str(mark)!r}).open('a') as f:\n    f.write('flwr')\n"
-        "raise ImportError('flwr is blocked in this test')\n"
-    )
+    block_package(folder, mark, "flwr")
     out = python_stdout(
         """
         import sys

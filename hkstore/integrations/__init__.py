@@ -6,4 +6,6 @@ store's documented tier ``hkstore.store``), and comes with an extra of its own
 
 - ``hkstore.integrations.declearn``: reading declearn 2.x HaikuModel checkpoints without
   unpickling them (:func:`~hkstore.integrations.declearn.convert`; needs no declearn).
+- ``hkstore.integrations.flower``: model weights as Flower ``ArrayRecord`` values and back,
+  and Flower runs that checkpoint every round and resume exactly (``[flower]`` extra).
 """

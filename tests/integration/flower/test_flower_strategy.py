@@ -132,18 +132,24 @@ def dp_strategy() -> Strategy:
         noise_multiplier=0.05, num_sampled_clients=3, initial_clipping_norm=0.5)
 
 
-def test_dp_adaptive_clipping_resumes_bit_for_bit(tmp_path: Path) -> None:
-    """Its clipping norm, its wrapped strategy and NumPy's global generator (its noise)."""
+def dp_runs(tmp_path: Path, rounds: int) -> tuple[dict[str, Any], float]:
+    """A DP run of ``rounds`` straight (its exact final arrays), and the first round of the
+    same run saved to ``tmp_path / "resumed"`` (its clipping norm after that round)."""
     random.seed(runs.RUN_SEED)
     np.random.seed(7)
     straight = wrapped(dp_strategy(), tmp_path / "straight")
-    expected = runs.exact(start(straight, to_arrayrecord(flower_app.make_model()), 3).arrays)
+    expected = runs.exact(start(straight, to_arrayrecord(flower_app.make_model()), rounds).arrays)
     random.seed(runs.RUN_SEED)
     np.random.seed(7)
     first = wrapped(dp_strategy(), tmp_path / "resumed")
     start(first, to_arrayrecord(flower_app.make_model()), 1)
     first.checkpointer.close()
-    norm_after_1 = first.inner.clipping_norm
+    return expected, first.inner.clipping_norm
+
+
+def test_dp_adaptive_clipping_resumes_bit_for_bit(tmp_path: Path) -> None:
+    """Its clipping norm, its wrapped strategy and NumPy's global generator (its noise)."""
+    expected, norm_after_1 = dp_runs(tmp_path, 3)
     random.seed(1)  # the process's random states move on; resume must put them back
     np.random.seed(1)
     again = wrapped(dp_strategy(), tmp_path / "resumed")
@@ -158,15 +164,7 @@ def test_dp_adaptive_clipping_resumes_bit_for_bit(tmp_path: Path) -> None:
 
 def test_numpy_random_state_is_what_dp_needs(tmp_path: Path) -> None:
     """The control: without NumPy's generator put back, the DP run ends elsewhere."""
-    random.seed(runs.RUN_SEED)
-    np.random.seed(7)
-    straight = wrapped(dp_strategy(), tmp_path / "straight")
-    expected = runs.exact(start(straight, to_arrayrecord(flower_app.make_model()), 2).arrays)
-    random.seed(runs.RUN_SEED)
-    np.random.seed(7)
-    first = wrapped(dp_strategy(), tmp_path / "resumed")
-    start(first, to_arrayrecord(flower_app.make_model()), 1)
-    first.checkpointer.close()
+    expected, _ = dp_runs(tmp_path, 2)
     again = wrapped(dp_strategy(), tmp_path / "resumed")
     _, arrays = resume(again.checkpointer, again, like=flower_app.make_model())
     np.random.seed(1)  # undo what resume put back
