@@ -10,7 +10,7 @@ import importlib.util
 _DECLEARN_MODULES = ["_engine.py", "_harden.py", "_model.py", "_policy.py", "_vector.py"]
 
 #: Modules whose import needs flwr: all of hkstore.integrations.flower but its package file.
-_FLOWER_MODULES = ["_records.py", "_state.py", "_strategy.py"]
+_FLOWER_MODULES = ["_history.py", "_records.py", "_state.py", "_strategy.py"]
 
 collect_ignore_glob: list[str] = []
 if importlib.util.find_spec("declearn") is None:

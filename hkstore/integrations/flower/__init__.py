@@ -15,7 +15,8 @@ and jax then); without flwr, touching one raises
   ``(last_round, arrays)`` for ``strategy.start``, which then continues with the real round
   numbers.
 - **the state table** (``_state``): :data:`STATE_TABLE`, what each Flower strategy class
-  changes while it runs (never guessed from ``vars()``).
+  changes while it runs (never guessed from ``vars()``); ``_history`` keeps the run's metrics
+  by real round number.
 
 Example:
     >>> from hkstore.integrations.flower import CheckpointedStrategy, resume  # doctest: +SKIP

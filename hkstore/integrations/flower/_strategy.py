@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -24,6 +22,7 @@ from flwr.serverapp.strategy import Result, Strategy
 
 import hkstore
 from hkstore.errors import CheckpointExistsError, StrategyStateError
+from hkstore.integrations.flower._history import History, plain_metrics
 from hkstore.integrations.flower._records import fit_record, numpy_record, to_arrayrecord
 from hkstore.integrations.flower._state import (
     capture_random,
@@ -39,56 +38,6 @@ _log = logging.getLogger("hkstore.integrations.flower")
 
 #: ``format`` of the state tree each round stores (``version`` 1).
 STATE_FORMAT = "hkstore-flower-strategy"
-_SECTIONS = ("train", "evaluate", "server")
-
-
-def _plain_metrics(record: MetricRecord) -> dict[str, Any]:
-    """A MetricRecord as JSON numbers (numpy scalars, which it accepts, become Python ones)."""
-    def plain(value: Any) -> Any:
-        if isinstance(value, list):
-            return [plain(v) for v in value]
-        return float(value) if isinstance(value, float | np.floating) else int(value)
-    return {str(k): plain(v) for k, v in record.items()}
-
-
-@dataclass
-class _History:
-    """The run's metrics by real round number: train and evaluate (aggregated client metrics),
-    server (``evaluate_fn``'s, round 0 being the initial evaluation)."""
-
-    train: dict[int, dict[str, Any]] = field(default_factory=dict)
-    evaluate: dict[int, dict[str, Any]] = field(default_factory=dict)
-    server: dict[int, dict[str, Any]] = field(default_factory=dict)
-
-    def to_tree(self) -> dict[str, Any]:
-        return {name: {r: dict(m) for r, m in getattr(self, name).items()} for name in _SECTIONS}
-
-    @classmethod
-    def from_tree(cls, tree: Any, round_: int) -> _History:
-        ok = isinstance(tree, Mapping) and set(tree) == set(_SECTIONS) and all(
-            isinstance(tree[s], Mapping) and all(
-                type(r) is int and isinstance(m, Mapping) for r, m in tree[s].items())
-            for s in _SECTIONS)
-        if not ok:
-            raise StrategyStateError(f"resume: round {round_}'s history is malformed")
-        return cls(**{s: {r: dict(m) for r, m in tree[s].items()} for s in _SECTIONS})
-
-    def round_metrics(self, round_: int) -> dict[str, Any]:
-        """The round's finite numbers as ``{"train.loss": ...}`` (what ``keep_best`` ranks)."""
-        flat: dict[str, Any] = {}
-        for name in _SECTIONS:
-            for key, value in getattr(self, name).get(round_, {}).items():
-                if isinstance(value, int | float) and not isinstance(value, bool) and (
-                        math.isfinite(value)):
-                    flat[f"{name}.{key}"] = value
-        return flat
-
-    def result(self, arrays: ArrayRecord) -> Result:
-        def records(section: dict[int, dict[str, Any]]) -> dict[int, MetricRecord]:
-            return {r: MetricRecord(dict(m)) for r, m in sorted(section.items())}
-        return Result(arrays=arrays, train_metrics_clientapp=records(self.train),
-                      evaluate_metrics_clientapp=records(self.evaluate),
-                      evaluate_metrics_serverapp=records(self.server))
 
 
 class CheckpointedStrategy(Strategy):
@@ -160,7 +109,7 @@ class CheckpointedStrategy(Strategy):
         self._last_round = 0
         self._resumed_from: int | None = None
         self._offset: int | None = None  # set while start() runs
-        self._history = _History()
+        self._history = History()
 
     def __repr__(self) -> str:
         return f"CheckpointedStrategy({self._inner!r}, {self._ckpt!r})"
@@ -209,7 +158,7 @@ class CheckpointedStrategy(Strategy):
         real = self._real(server_round)
         arrays, metrics = self._inner.aggregate_train(real, replies)
         if metrics is not None:
-            self._history.train[real] = _plain_metrics(metrics)
+            self._history.train[real] = plain_metrics(metrics)
         return arrays, metrics
 
     def configure_evaluate(
@@ -225,7 +174,7 @@ class CheckpointedStrategy(Strategy):
         real = self._real(server_round)
         metrics = self._inner.aggregate_evaluate(real, replies)
         if metrics is not None:
-            self._history.evaluate[real] = _plain_metrics(metrics)
+            self._history.evaluate[real] = plain_metrics(metrics)
         return metrics
 
     def summary(self) -> None:
@@ -279,7 +228,7 @@ class CheckpointedStrategy(Strategy):
                 return None
             metrics = None if evaluate_fn is None else evaluate_fn(real, arrays)
             if metrics is not None:
-                self._history.server[real] = _plain_metrics(metrics)
+                self._history.server[real] = plain_metrics(metrics)
             if local_round > 0:
                 self._save(real, arrays)
             return metrics
@@ -327,7 +276,7 @@ class CheckpointedStrategy(Strategy):
                                      f"{tree.get('version')!r} (this reader knows 1) or malformed")
         assignments = strategy_setter(self._inner, self._spec, tree.get("strategy"),
                                       round_=number)
-        history = _History.from_tree(tree.get("history"), number)
+        history = History.from_tree(tree.get("history"), number)
         record = _global_arrays(restored, tree.get("arrays"), self._like)
         restore_random(tree.get("random"), round_=number)
         for owner, name, value in assignments:
