@@ -35,6 +35,7 @@ __all__ = [
     "HkstoreError",
     "IntegrityError",
     "InvalidKeyError",
+    "InvalidSeedError",
     "LimitExceededError",
     "ManifestError",
     "MissingDependencyError",
@@ -212,6 +213,10 @@ class RngStateError(HkstoreError, ValueError):
 
 class ClippingError(HkstoreError, ValueError):
     """An unknown clipping switch, or a model whose layer calls change between traces."""
+
+
+class InvalidSeedError(HkstoreError, ValueError, TypeError):
+    """A model seed that is not an int in ``[0, 2**32)`` (jax keys hold 32 bits)."""
 
 
 class NotInitializedError(HkstoreError, ValueError):

@@ -183,7 +183,7 @@ def repack(members: Mapping[str, bytes]) -> bytes:
     buffer = io.BytesIO()
     writer = ContainerWriter(buffer)
     for name, data in members.items():
-        writer.add_member(name, data, align=64 if name == "weights.safetensors" else 1)
+        writer.add_member(name, data)
     writer.close()
     return buffer.getvalue()
 

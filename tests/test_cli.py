@@ -235,7 +235,7 @@ def _with_manifest(source: Path, dest: Path, edit: Callable[[dict[str, Any]], No
                 document = json.loads(body)
                 edit(document)
                 body = canonical_json(document)
-            writer.add_member(name, body, align=64 if name == "weights.safetensors" else 1)
+            writer.add_member(name, body)
         writer.close()
     return dest
 

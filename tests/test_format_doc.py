@@ -118,7 +118,7 @@ def test_worked_example_weights_and_manifest_agree() -> None:
     # The offsets the example states for the container.
     out = io.BytesIO()
     writer = ContainerWriter(out)
-    stream = writer.begin_member("weights.safetensors", align=64)
+    stream = writer.begin_member("weights.safetensors")
     stream.write(weights)
     weights_info = stream.finish()
     manifest_info = writer.add_member("manifest.json", manifest_bytes)

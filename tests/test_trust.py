@@ -224,8 +224,8 @@ def test_flags_must_be_booleans() -> None:
         ),
         (
             {"allow_python_mismatch": True},
-            "allow_python_mismatch=True has no effect without allow_pickle=True (it only widens "
-            "which pickles may be unpickled); pass both, or neither",
+            "allow_python_mismatch=True has no effect without allow_pickle=True or "
+            "approved=[...] (it only widens which pickles may be unpickled)",
         ),
         (
             {"require_signature": True},

@@ -45,16 +45,24 @@ def _rle(byte: int, size: int, *, last: bool = True) -> bytes:
 
 
 def _frame(
-    blocks: list[bytes], *, content_size: int | None, window_log: int = 17, dict_id: int = 0
+    blocks: list[bytes],
+    *,
+    content_size: int | None,
+    window_log: int = 17,
+    dict_id: int = 0,
+    checksum: bool = False,
 ) -> bytes:
-    """A zstd frame (no checksum): 8-byte content size field unless None, window descriptor."""
+    """A zstd frame: 8-byte content size field unless None, window descriptor; with
+    ``checksum`` the checksum flag and 4 checksum bytes (zeros: wrong unless the content
+    happens to hash to them, so only a decoder finds the mismatch)."""
     descriptor = (0xC0 if content_size is not None else 0) | (1 if dict_id else 0)
+    descriptor |= 0x04 if checksum else 0
     out = MAGIC + bytes([descriptor, (window_log - 10) << 3])
     if dict_id:
         out += bytes([dict_id])
     if content_size is not None:
         out += content_size.to_bytes(8, "little")
-    return out + b"".join(blocks)
+    return out + b"".join(blocks) + (bytes(4) if checksum else b"")
 
 
 def _rle_blocks(total: int) -> list[bytes]:
@@ -127,8 +135,8 @@ def test_decompress_bounded_rejects_declared_size_over_cap() -> None:
 
 
 def test_decompress_bounded_rejects_bombs_without_allocating() -> None:
-    bomb = _frame(_rle_blocks(GiB), content_size=GiB)  # 1 GiB of zeros in ~32 KiB
-    liar = _frame(_rle_blocks(GiB), content_size=100)  # the same, header says 100 bytes
+    bomb = _frame(_rle_blocks(GiB), content_size=GiB, checksum=True)  # 1 GiB of 0 in ~32 KiB
+    liar = _frame(_rle_blocks(GiB), content_size=100, checksum=True)  # header says 100 bytes
     assert len(bomb) < 64 * 1024
     tracemalloc.start()  # zstd's output buffers are allocated through Python: traced
     try:
@@ -154,9 +162,27 @@ def test_decompress_bounded_rejects_bombs_without_allocating() -> None:
 
 
 def test_decompress_bounded_rejects_header_that_overstates_content() -> None:
-    liar = _frame([_raw(b"a" * 1000)], content_size=2000)
-    with pytest.raises(ArchiveFormatError, match=r"^m: corrupt zstd frame \("):
+    # the blocks hold 1000 bytes: found by walking the block headers, nothing decompressed
+    liar = _frame([_raw(b"a" * 1000)], content_size=2000, checksum=True)
+    with pytest.raises(ArchiveFormatError) as info:
         decompress_bounded(liar, declared_size=2000, cap=10_000, what="m")
+    assert str(info.value) == (
+        "m: zstd frame declares 2000 bytes of content, but its blocks can hold at most 1000"
+    )
+
+
+def test_content_size_is_bounded_by_what_the_blocks_can_hold() -> None:
+    # a tiny frame whose header claims a huge content size cannot make anything allocate:
+    # 8 RLE blocks hold 1 MiB, so a claim of 1 GiB is refused before decompressing
+    claim = _frame(_rle_blocks(MiB), content_size=GiB, checksum=True)
+    with pytest.raises(ArchiveFormatError, match="its blocks can hold at most 1048576"):
+        decompress_bounded(claim, declared_size=GiB, cap=2 * GiB, what="m")
+    with pytest.raises(ArchiveFormatError, match="its blocks can hold at most 1048576"):
+        BoundedReader(claim, declared_size=GiB, cap=2 * GiB, what="m")
+    # a block may not claim more than the 128 KiB block maximum (a size field has 21 bits)
+    huge_block = _frame([_rle(0, (1 << 21) - 1)], content_size=(1 << 21) - 1, checksum=True)
+    with pytest.raises(ArchiveFormatError, match="more than the block maximum of 131072"):
+        decompress_bounded(huge_block, declared_size=(1 << 21) - 1, cap=GiB, what="m")
 
 
 @pytest.mark.parametrize(

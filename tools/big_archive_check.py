@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         with path.open("wb") as out:
             writer = ContainerWriter(out)
-            stream = writer.begin_member("weights.safetensors", align=64, compute_crc=False)
+            stream = writer.begin_member("weights.safetensors", compute_crc=False)
             crc = 0
             for piece in chunks(total):
                 stream.write(piece)

@@ -18,6 +18,7 @@ import numpy as np
 from hkstore.errors import (
     ArchiveFormatError,
     DataInfoError,
+    InvalidSeedError,
     ModelFunctionError,
     NotInitializedError,
     WeightsMismatchError,
@@ -71,9 +72,9 @@ def _check_seed(seed: object) -> int:
     if seed is None:
         return secrets.randbelow(2**32)
     if isinstance(seed, bool) or not isinstance(seed, int | np.integer):
-        raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
+        raise InvalidSeedError(f"seed must be an int or None, got {type(seed).__name__}")
     if not 0 <= int(seed) < 2**32:  # jax keys hold 32 bits (x64 off): larger seeds would collide
-        raise ValueError(f"seed must be in [0, 2**32), got {seed}")
+        raise InvalidSeedError(f"seed must be in [0, 2**32), got {seed}")
     return int(seed)
 
 
@@ -90,8 +91,9 @@ class HaikuModel:
         seed: seed of the model's random key; ``None`` draws one (kept in ``_seed``).
 
     Raises:
-        TypeError: ``model`` or ``loss`` is not callable, or ``seed`` is not an int.
-        ValueError: ``seed`` is outside ``[0, 2**32)``.
+        TypeError: ``model`` or ``loss`` is not callable.
+        InvalidSeedError: ``seed`` is not an int, or is outside ``[0, 2**32)`` (also a
+            ``TypeError`` and a ``ValueError``).
 
     Example:
         >>> import haiku as hk, jax.numpy as jnp, numpy as np

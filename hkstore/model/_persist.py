@@ -114,7 +114,9 @@ def read_state(
     """Read an open archive into a :class:`ModelState`, as far as ``trust`` allows.
 
     Order: the signature (with ``trust``'s keys), every tensor (digests checked unless
-    ``verify=False``), then the functions the caller did not pass, through the trust gate.
+    ``verify=False``), the pickle member when there is one (digest, frame, opcodes; never
+    unpickled unless the gate allows it below), then the functions the caller did not pass,
+    through the trust gate: the order of :meth:`~hkstore.store.Archive.verify`.
 
     Args:
         archive: an open archive (:func:`hkstore.open_archive`).
@@ -131,10 +133,12 @@ def read_state(
         As :func:`hkstore.load`.
     """
     trust = Trust() if trust is None else trust
+    # The same checks, in the same order, as Archive.verify(): one verdict everywhere.
     archive.check_signature(trust)
     placement = early_placement()  # on an accelerator: each verified tensor sent right away
     host = archive.read_weights(verify=verify, ready=placement)
     weights = host if placement is None else placement.placed(host)
+    archive.check_pickle()  # checked even when the caller passes both functions
     given: dict[str, Callable[..., Any] | None] = {"model": model, "loss": loss}
     missing = [role for role in ROLES if given[role] is None]
     if missing:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import mmap
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -19,20 +18,23 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from hkstore.errors import (
+    ArchiveFormatError,
     ContainerError,
     DigestMismatchError,
     SignatureError,
     WeightsFormatError,
 )
 from hkstore.store import _zstd
-from hkstore.store._container import ContainerWriter, MemberInfo, read_container
+from hkstore.store._container import ContainerWriter, MemberInfo, parse_container
 from hkstore.store._digests import DEFAULT as DEFAULT_DIGEST
+from hkstore.store._fileio import BufferSource, ByteSource, FileSource, open_regular
 from hkstore.store._functions import pickle_runtime
 from hkstore.store._gate import ROLES, resolve_functions
 from hkstore.store._limits import DEFAULT_LIMITS, Limits
 from hkstore.store._manifest import Manifest, decode_manifest, encode_manifest
 from hkstore.store._members import FUNCTIONS, MANIFEST, SIGNATURE, WEIGHTS, WEIGHTS_ZSTD
 from hkstore.store._signing import (
+    SignatureDocument,
     Signer,
     read_signature_document,
     sign_manifest,
@@ -50,6 +52,9 @@ if TYPE_CHECKING:
 # opening an archive for its manifest (`hkstore inspect`) does not pay for them (~90 ms).
 
 __all__ = ["Archive", "ArchiveContent", "VerifyReport", "open_archive", "write_archive"]
+
+#: members are copied through a buffer of at most this size by :meth:`copy_with_signature`
+_COPY_CHUNK = 8 << 20
 
 
 
@@ -118,7 +123,7 @@ def write_archive(
         raise ValueError(f"compression: expected None or 'zstd', got {compression!r}")
     writer = ContainerWriter(fileobj)
     if compression is None:
-        stream = writer.begin_member(WEIGHTS, align=64, compute_crc=False)
+        stream = writer.begin_member(WEIGHTS, compute_crc=False)
         written = write_weights(
             stream, content.specs, content.fetch, workers=workers, digest=digest
         )
@@ -176,7 +181,7 @@ def _write_compressed_weights(
     raw_size = len(header) + sum(
         int(np.prod(s.shape, dtype=np.int64)) * _itemsize(s.dtype) for s in content.specs
     )
-    stream = writer.begin_member(WEIGHTS_ZSTD, align=1)
+    stream = writer.begin_member(WEIGHTS_ZSTD)
     compressor = _zstd.stream_writer(stream, raw_size=raw_size)
     written = write_weights(
         compressor, content.specs, content.fetch, workers=workers, digest=digest
@@ -231,37 +236,35 @@ class Archive:
                  *, limits: Limits = DEFAULT_LIMITS, workers: int | None = None) -> None:
         self.limits = limits
         self.workers = None if workers is None else resolve_workers(workers)
-        self._file: BinaryIO | None = None
-        self._mmap: mmap.mmap | None = None
         self._fd: int | None = None
-        buf: bytes | bytearray | memoryview | mmap.mmap
+        self._src: ByteSource
         if isinstance(source, (bytes, bytearray, memoryview)):
-            buf = source
+            self._src = BufferSource(source)
             self.path: Path | None = None
         else:
             self.path = Path(source)
             try:
-                self._file = open(self.path, "rb")
+                self._fd = open_regular(self.path)
             except OSError as exc:
                 raise ContainerError(f"{self.path}: cannot open archive: {exc.strerror}") from exc
-            size = os.fstat(self._file.fileno()).st_size
-            if size == 0:
+            self._src = FileSource(self._fd, name=str(self.path))
+            if self._src.size == 0:
                 self.close()
                 raise ContainerError(f"{self.path}: empty file, not an hkstore archive")
-            self._mmap = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ)
-            self._fd = self._file.fileno()
-            buf = self._mmap
-        self._buf = buf
         try:
-            self.members: dict[str, MemberInfo] = read_container(buf, limits)
-            self.manifest_bytes = self._member_bytes(MANIFEST)
+            container = parse_container(self._src, limits)
+            self.members: dict[str, MemberInfo] = container.members
+            self.manifest_bytes = container.payloads[MANIFEST]
+            self._signature_bytes = container.payloads.get(SIGNATURE)
             self.manifest: Manifest = decode_manifest(self.manifest_bytes, limits)
             self._check_members_against_manifest()
-            if SIGNATURE in self.members:  # malformed signature.json fails at open, keys or not
-                read_signature_document(self._member_bytes(SIGNATURE), limits)
+            self._signature: SignatureDocument | None = None
+            if self._signature_bytes is not None:  # malformed: fails at open, keys or not
+                self._signature = read_signature_document(self._signature_bytes, limits)
             self._weights: WeightsReader | None = None
             self._digests: dict[str, str] | None = None
             self._verified: tuple[Trust, str] | None = None
+            self._pickle: tuple[bytes, list[str]] | None = None
         except BaseException:
             self.close()
             raise
@@ -269,8 +272,9 @@ class Archive:
     # -- structure ----------------------------------------------------------------------
 
     def _member_bytes(self, name: str) -> bytes:
+        """Read a whole member into memory this archive owns (bounded by the member's size)."""
         info = self.members[name]
-        return bytes(self._buf[info.data_offset : info.data_offset + info.size])
+        return self._src.read(info.data_offset, info.size)
 
     def _check_members_against_manifest(self) -> None:
         m = self.manifest
@@ -299,49 +303,108 @@ class Archive:
             raise ContainerError("; ".join(problems))
 
     def _weights_reader(self) -> WeightsReader:
-        from hkstore.store._weights import WeightsReader
+        from hkstore.store._weights import WeightsReader, aligned_empty
 
         if self._weights is None:
             record = self.manifest.weights
             info = self.members[record.member]
             if record.compression == "zstd":
-                frame = self._member_bytes(record.member)
-                actual = hashlib.sha256(frame).hexdigest()
-                if actual != record.sha256:
-                    raise DigestMismatchError(
-                        f"member {record.member!r}: sha256 {actual}, manifest says "
-                        f"{record.sha256}"
-                    )
-                raw = _zstd.decompress_bounded(
-                    frame,
-                    declared_size=record.raw_size or 0,
-                    cap=self.limits.max_member_bytes,
-                    what=f"member {record.member!r}",
-                    max_window=self.limits.max_zstd_window_bytes,
-                )
-                reader = WeightsReader(raw, 0, len(raw), self.limits)
+                # Random access needs the whole file: allocated only now that the header has
+                # been checked against the manifest, so its size is what the tensors need.
+                stream, header, _ = self._zstd_stream()
+                raw = aligned_empty(stream.remaining + len(header))
+                raw[: len(header)] = memoryview(header)
+                stream.readinto(raw[len(header) :].data)
+                stream.close()
+                reader = WeightsReader(raw.data, 0, raw.size, self.limits, member=record.member)
             elif self._fd is not None:
                 reader = WeightsReader(self._fd, info.data_offset, info.size, self.limits)
             else:
-                reader = WeightsReader(self._buf, info.data_offset, info.size, self.limits)
-            self._check_header(reader)
+                assert isinstance(self._src, BufferSource)
+                reader = WeightsReader(self._src.view(), info.data_offset, info.size, self.limits)
+            self._check_header(reader.header_sha256, reader.entries)
             self._weights = reader
         return self._weights
 
-    def _check_header(self, reader: WeightsReader) -> None:
+    def _zstd_stream(self) -> tuple[_zstd.BoundedReader, bytes, list[TensorEntry]]:
+        """Open the zstd weights frame as a stream positioned after the checked header.
+
+        Before a byte is decompressed: the frame's SHA-256, the frame itself (5.2), and the
+        declared decompressed size against what the manifest's tensors need (their data plus
+        a header of at most ``max_header_bytes``). Then only the header is decompressed,
+        parsed and checked against the manifest; the tensor data is left in the stream.
+
+        Returns:
+            ``(stream, header bytes, entries sorted by offset)``.
+        """
+        from hkstore.store._dtypes import dtype_for_code
+        from hkstore.store._weights import parse_header
+
         record = self.manifest.weights
-        if reader.header_sha256 != record.header_sha256:
+        what = f"member {record.member!r}"
+        frame = self._member_bytes(record.member)
+        actual = hashlib.sha256(frame).hexdigest()
+        if actual != record.sha256:
+            raise DigestMismatchError(f"{what}: sha256 {actual}, manifest says {record.sha256}")
+        raw_size = record.raw_size or 0
+        _zstd.check_declared_size(raw_size, cap=self.limits.max_member_bytes, what=what)
+        data_len = 0
+        for t in self.manifest.tensors:
+            count = dtype_for_code(t.dtype, where=f"tensor {t.name!r}").itemsize
+            for dim in t.shape:
+                count *= dim
+            data_len += count
+            if data_len > raw_size:
+                break
+        header_len = raw_size - data_len
+        if not 8 <= header_len <= 8 + self.limits.max_header_bytes:
+            raise WeightsFormatError(
+                f"{what}: $.weights.raw_size is {raw_size} bytes, but the manifest's tensors "
+                f"need {data_len if data_len <= raw_size else f'more than {raw_size}'} bytes of "
+                f"data plus a header of 8 to {8 + self.limits.max_header_bytes} bytes "
+                "(Limits.max_header_bytes)"
+            )
+        stream = _zstd.BoundedReader(
+            frame,
+            declared_size=raw_size,
+            cap=self.limits.max_member_bytes,
+            what=what,
+            max_window=self.limits.max_zstd_window_bytes,
+        )
+        try:
+            prefix = stream.read(8)
+            n = int.from_bytes(prefix, "little")
+            if 8 + n != header_len:
+                raise WeightsFormatError(
+                    f"{what}: the safetensors header is {n} bytes, but $.weights.raw_size minus "
+                    f"the manifest's {data_len} bytes of tensor data leaves {header_len - 8}"
+                )
+            header = prefix + stream.read(n)
+            entries, _, _ = parse_header(
+                header, self.limits, member_size=raw_size, member=record.member
+            )
+            self._check_header(
+                hashlib.sha256(header).hexdigest(), {e.name: e for e in entries}
+            )
+        except BaseException:
+            stream.abandon()
+            raise
+        return stream, header, entries
+
+    def _check_header(self, header_sha256: str, entries: Mapping[str, TensorEntry]) -> None:
+        record = self.manifest.weights
+        if header_sha256 != record.header_sha256:
             raise DigestMismatchError(
                 f"member {record.member!r}: safetensors header sha256 "
-                f"{reader.header_sha256}, manifest says {record.header_sha256}"
+                f"{header_sha256}, manifest says {record.header_sha256}"
             )
         problems = []
         declared = {t.name: t for t in self.manifest.tensors}
-        for name in sorted(set(declared) - set(reader.entries)):
+        for name in sorted(set(declared) - set(entries)):
             problems.append(f"tensor {name!r} is in the manifest but not in the weights member")
-        for name in sorted(set(reader.entries) - set(declared)):
+        for name in sorted(set(entries) - set(declared)):
             problems.append(f"tensor {name!r} is in the weights member but not in the manifest")
-        for name, entry in reader.entries.items():
+        for name, entry in entries.items():
             want = declared.get(name)
             if want is None:
                 continue
@@ -367,7 +430,14 @@ class Archive:
         return list(self.manifest.trainable)
 
     def tensor_entries(self) -> dict[str, TensorEntry]:
-        """Return the safetensors header entries (checked against the manifest)."""
+        """Return the safetensors header entries (checked against the manifest).
+
+        For zstd weights only the header is decompressed.
+        """
+        if self._weights is None and self.manifest.weights.compression == "zstd":
+            stream, _, entries = self._zstd_stream()
+            stream.abandon()
+            return {e.name: e for e in entries}
         return dict(self._weights_reader().entries)
 
     def tensor(self, name: str, *, verify: bool = True) -> np.ndarray:
@@ -399,12 +469,34 @@ class Archive:
     ) -> dict[str, np.ndarray]:
         """Read every tensor into fresh 64-byte-aligned buffers, digests checked by default.
 
+        zstd weights are decompressed straight into the tensors' buffers (the decompressed
+        file is never held whole), on the calling thread.
+
         Args:
             verify: check every tensor's digest (with the manifest's algorithm).
             workers: threads; default :attr:`workers` (``None``: every available core).
             ready: called with each tensor as soon as its digest matched (see
                 :meth:`WeightsReader.read_all`).
         """
+        if self._weights is None and self.manifest.weights.compression == "zstd":
+            from hkstore.store._weights import stream_tensors
+
+            stream, _, entries = self._zstd_stream()
+            try:
+                arrays = stream_tensors(
+                    stream.readinto, entries, self._tensor_digests() if verify else None,
+                    keep=True, algorithm=self.manifest.digest_algorithm,
+                    member=self.manifest.weights.member,
+                )  # fmt: skip
+            except BaseException:
+                stream.abandon()
+                raise
+            stream.close()
+            assert arrays is not None
+            if ready is not None:
+                for name, array in arrays.items():
+                    ready(name, array)
+            return arrays
         reader = self._weights_reader()
         return reader.read_all(
             self._tensor_digests() if verify else None,
@@ -425,9 +517,7 @@ class Archive:
     @property
     def signature_key_id(self) -> str | None:
         """The key id the signature claims (unverified), or ``None`` when unsigned."""
-        if SIGNATURE not in self.members:
-            return None
-        return read_signature_document(self._member_bytes(SIGNATURE), self.limits).key_id
+        return None if self._signature is None else self._signature.key_id
 
     def check_signature(self, trust: Trust) -> str | None:
         """Verify the signature with the caller's keys; return the verifying key id or ``None``.
@@ -453,46 +543,47 @@ class Archive:
             return None
         if self._verified is not None and self._verified[0] is trust:
             return self._verified[1]  # load() checks first, the gate asks again: verify once
+        assert self._signature_bytes is not None
         key_id = verify_manifest_signature(
-            self._member_bytes(SIGNATURE), self.manifest_bytes, trust.verifiers,
-            limits=self.limits,
+            self._signature_bytes, self.manifest_bytes, trust.verifiers, limits=self.limits
         )
         self._verified = (trust, key_id)
         return key_id
 
-    def verify(self, trust: Trust | None = None) -> VerifyReport:
-        """Check everything: structure, manifest schema, every digest, and the signature.
+    def verify(self, trust: Trust | None = None, *, functions: bool = False) -> VerifyReport:
+        """Check everything a load checks: signature, every member's digest and structure.
 
-        The function blob, when there is one, is checked like the weights: digest, then its
-        zstd frame (declared sizes, limits, checksum) by a bounded decompression. It is never
-        unpickled.
+        In the order every entry point follows (and :func:`hkstore.load` too): the signature
+        (:meth:`check_signature`), the weights (header against the manifest, then every
+        tensor digest, :meth:`check_digests`), then the function pickle when there is one
+        (:meth:`check_pickle`: digest, bounded decompression, a well-formed opcode stream;
+        never unpickled). With ``functions=True`` it also runs every check the trust gate
+        runs before importing or unpickling the archive's functions (:meth:`check_functions`),
+        so the verdict is the one a load that takes its functions from the archive would give.
 
         Args:
-            trust: keys to check the signature with; ``None`` checks digests only.
+            trust: keys to check the signature with, and with ``functions=True`` the code
+                policy; ``None`` is ``Trust()`` (digests only).
+            functions: also check that ``trust`` would accept the archive's functions.
 
         Returns:
             A :class:`VerifyReport`.
 
         Raises:
             DigestMismatchError, SignatureError, UntrustedKeyError, ArchiveFormatError,
-            LimitExceededError.
+            LimitExceededError; RefusedCodeError, RuntimeMismatchError with ``functions=True``.
         """
         trust = trust or Trust()
         signed_by = self.check_signature(trust)
         self.check_digests()  # header cross-check + every tensor digest, bounded memory
         checked = [MANIFEST, self.manifest.weights.member]
         if self.manifest.pickle is not None:
-            # digest, then the frame's declared sizes and checksum (bounded); never unpickled
-            _zstd.decompress_bounded(
-                self._pickle_frame(),
-                declared_size=self.manifest.pickle.raw_size,
-                cap=self.limits.max_functions_bytes,
-                what=FUNCTIONS,
-                max_window=self.limits.max_zstd_window_bytes,
-            )
+            self.check_pickle()
             checked.append(FUNCTIONS)
         if SIGNATURE in self.members:
             checked.append(SIGNATURE)
+        if functions:
+            self.check_functions(trust)
         return VerifyReport(
             tensors=len(self.manifest.tensors),
             members=tuple(checked),
@@ -518,6 +609,8 @@ class Archive:
             WeightsFormatError: the safetensors header disagrees with the manifest, or a BOOL
                 byte is neither 0 nor 1.
         """
+        if self._weights is None and self.manifest.weights.compression == "zstd":
+            return self._check_zstd_digests(progress)
         return self._weights_reader().check_digests(
             self._tensor_digests(),
             algorithm=self.manifest.digest_algorithm,
@@ -525,16 +618,36 @@ class Archive:
             progress=progress,
         )
 
-    def pickle_globals(self) -> list[str]:
-        """List the globals the function pickle would import, statically; never unpickles.
+    def _check_zstd_digests(self, progress: Callable[[int], None] | None) -> int:
+        """Hash zstd weights tensor by tensor as they are decompressed, in bounded memory."""
+        from hkstore.store._weights import stream_tensors
 
-        The member's digest is checked and it is decompressed within the declared size and
-        ``limits.max_functions_bytes``; then its opcodes are walked (memo-aware) by
-        :func:`~hkstore.store._pickle_scan.pickle_globals`. This is what ``hkstore inspect``
-        shows an operator; it is not a safety check.
+        stream, _, entries = self._zstd_stream()
+        try:
+            stream_tensors(
+                stream.readinto, entries, self._tensor_digests(), keep=False,
+                algorithm=self.manifest.digest_algorithm,
+                member=self.manifest.weights.member, progress=progress,
+            )  # fmt: skip
+        except BaseException:
+            stream.abandon()
+            raise
+        stream.close()
+        return sum(e.nbytes for e in entries)
+
+    def check_pickle(self) -> list[str]:
+        """Check the function pickle member without running it; return the globals it names.
+
+        The member's SHA-256 against the manifest, its zstd frame (5.2) and a decompression
+        bounded by ``$.pickle.raw_size`` and ``limits.max_functions_bytes``, then a static,
+        memo-aware walk of its opcodes (:func:`~hkstore.store._pickle_scan.pickle_globals`):
+        bytes that are not one well-formed pickle are refused here, by every entry point,
+        whether or not anything will be unpickled. Checked once per archive; the checked
+        bytes are the ones the trust gate may later unpickle.
 
         Returns:
-            ``"module.qualname"`` strings in import order (empty when there is no pickle).
+            The ``"module.qualname"`` globals the pickle would import, in order (empty
+            without a pickle member).
 
         Raises:
             DigestMismatchError: the member does not match the manifest.
@@ -545,25 +658,39 @@ class Archive:
         record = self.manifest.pickle
         if record is None:
             return []
-        raw = _zstd.decompress_bounded(
-            self._pickle_frame(),
-            declared_size=record.raw_size,
-            cap=self.limits.max_functions_bytes,
-            what=FUNCTIONS,
-            max_window=self.limits.max_zstd_window_bytes,
-        )
-        return pickle_globals(raw)
+        if self._pickle is None:
+            frame = self._member_bytes(FUNCTIONS)
+            actual = hashlib.sha256(frame).hexdigest()
+            if actual != record.sha256:
+                raise DigestMismatchError(
+                    f"member {FUNCTIONS!r}: sha256 {actual}, manifest says {record.sha256}"
+                )
+            raw = _zstd.decompress_bounded(
+                frame,
+                declared_size=record.raw_size,
+                cap=self.limits.max_functions_bytes,
+                what=FUNCTIONS,
+                max_window=self.limits.max_zstd_window_bytes,
+            )
+            try:
+                found = pickle_globals(raw)
+            except ArchiveFormatError as exc:
+                raise type(exc)(f"{FUNCTIONS}: {exc}") from None
+            self._pickle = (frame, found)
+        return list(self._pickle[1])
+
+    def pickle_globals(self) -> list[str]:
+        """List the globals the function pickle would import, statically; never unpickles.
+
+        Same checks as :meth:`check_pickle` (whose result this is). This is what ``hkstore
+        inspect`` shows an operator; it is not a safety check.
+        """
+        return self.check_pickle()
 
     def _pickle_frame(self) -> bytes:
-        record = self.manifest.pickle
-        assert record is not None
-        frame = self._member_bytes(FUNCTIONS)
-        actual = hashlib.sha256(frame).hexdigest()
-        if actual != record.sha256:
-            raise DigestMismatchError(
-                f"member {FUNCTIONS!r}: sha256 {actual}, manifest says {record.sha256}"
-            )
-        return frame
+        self.check_pickle()
+        assert self._pickle is not None
+        return self._pickle[0]
 
     def functions(
         self, trust: Trust, *, roles: Sequence[str] = ROLES
@@ -571,15 +698,30 @@ class Archive:
         """Return ``{role: callable}`` for the functions the manifest describes, if allowed.
 
         This goes through the one trust gate (:func:`~hkstore.store._gate.resolve_functions`):
-        references are imported only from ``trust.modules``; the pickle is unpickled only with
-        ``trust.allow_pickle`` and a signature verified by one of ``trust.keys`` (or
-        ``allow_unsigned``), after its digest and the writer's Python version were checked.
+        references are imported only from ``trust.modules``; the pickle is unpickled only when
+        its digest is one of ``trust.approved``, or with ``trust.allow_pickle`` and a signature
+        verified by one of ``trust.keys`` (or ``allow_unsigned``), after the member passed
+        :meth:`check_pickle` and the writer's Python version was checked.
 
         Raises:
             RefusedCodeError: the policy refuses (the message says which option would allow it).
             RuntimeMismatchError: the pickle comes from another Python version/implementation.
             SignatureError, UntrustedKeyError, DigestMismatchError.
         """
+        return self._gate(trust, roles, load=True)
+
+    def check_functions(self, trust: Trust, *, roles: Sequence[str] = ROLES) -> None:
+        """Run every check :meth:`functions` runs, but import and unpickle nothing.
+
+        Raises:
+            As :meth:`functions`, except errors of the import itself (a missing module or
+            attribute) and of unpickling, which only a real load can find.
+        """
+        self._gate(trust, roles, load=False)
+
+    def _gate(
+        self, trust: Trust, roles: Sequence[str], *, load: bool
+    ) -> dict[str, Callable[..., Any] | None]:
         return resolve_functions(
             {role: dict(spec.to_dict()) for role, spec in self.manifest.functions.items()},
             trust,
@@ -590,20 +732,17 @@ class Archive:
             max_pickle_bytes=self.limits.max_functions_bytes,
             max_window=self.limits.max_zstd_window_bytes,
             where="archive",
+            load=load,
         )
 
     # -- lifetime -----------------------------------------------------------------------
 
     def close(self) -> None:
-        """Release the file and its memory map (idempotent)."""
+        """Release the file (idempotent)."""
         self._weights = None
-        if self._mmap is not None:
-            self._mmap.close()
-            self._mmap = None
-        if self._file is not None:
-            self._file.close()
-            self._file = None
-        self._fd = None
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
     def __enter__(self) -> Archive:
         return self
@@ -612,16 +751,26 @@ class Archive:
         self.close()
 
     def copy_with_signature(self, dest: BinaryIO, signer: Signer) -> None:
-        """Write this archive to ``dest`` with a new signature (members copied byte-exact)."""
+        """Write this archive to ``dest`` with a new signature (members copied byte-exact).
+
+        Member data is copied through a bounded buffer; each copied member's CRC-32 must
+        equal its headers' (a member changed on disk since it was checked is not re-signed).
+
+        Raises:
+            ContainerError: a member's bytes no longer match its CRC-32, or the file shrank.
+        """
         writer = ContainerWriter(dest)
+        chunk = bytearray(min(_COPY_CHUNK, max((i.size for i in self.members.values()),
+                                                default=0)))  # fmt: skip
         for name, info in self.members.items():
             if name in (SIGNATURE, MANIFEST):
                 continue
-            stream = writer.begin_member(name, align=64 if name == WEIGHTS else 1)
-            view = memoryview(self._buf)[info.data_offset : info.data_offset + info.size]
-            for start in range(0, info.size, 64 << 20):
-                stream.write(view[start : start + (64 << 20)])
-            del view
+            stream = writer.begin_member(name, size=info.size)
+            view = memoryview(chunk)
+            for start in range(0, info.size, len(chunk)):
+                piece = view[: min(len(chunk), info.size - start)]
+                self._src.readinto(info.data_offset + start, piece)
+                stream.write(piece)
             copied = stream.finish()
             if copied.crc32 != info.crc32:
                 raise ContainerError(

@@ -8,17 +8,22 @@ of the file (zipfile tolerates prepended data, gaps, unknown members, duplicates
 mismatches -- the parser differences that let scanners be bypassed). The output is plain ZIP
 (stored, ZIP64 when needed) that :mod:`zipfile` and ``unzip`` read.
 
-What the writer emits: local header + data per member, back to back from offset 0; then the
-central directory; then (only when an offset or size needs it) the ZIP64 end record and
-locator; then the end record with comment :data:`ARCHIVE_COMMENT`. Fixed fields: version made
-by 0x032D (Unix, 4.5), version needed 20 (45 for an entry using ZIP64), flags 0x0800 (UTF-8),
-method 0, DOS date 1980-01-01 00:00, external attributes 0o100644 << 16. A local extra field
-holds, in order, a ZIP64 field (id 0x0001, both sizes) when the member is 4 GiB or more, and a
-padding field (id 0xD935: u16 alignment, then zeros) that aligns the data start. A streamed
-member reserves 20 extra bytes for the ZIP64 field; when it ends up smaller they become padding,
-so the local and central headers always agree exactly.
+**One encoding.** For a given list of members (names, sizes, CRC-32s) there is exactly one
+container: members in :data:`MEMBER_ORDER`, local header + data back to back from offset 0,
+then the central directory, then (only when an offset or size needs it) the ZIP64 end record
+and locator, then the end record with comment :data:`ARCHIVE_COMMENT`. Every header field has
+one allowed value -- version made by 0x032D (Unix, 4.5), version needed 20 (45 for an entry
+using ZIP64), flags 0x0800 (UTF-8), method 0, DOS time 0, date 1980-01-01, internal attributes
+0, external attributes 0o100644 << 16, no comments -- and every extra field is determined by
+:data:`MEMBER_LAYOUT`: the streamed weights members reserve 20 bytes for a ZIP64 field, which
+become padding when the member is small, and ``weights.safetensors``' data starts 64-aligned
+(a padding field, id 0xD935: u16 alignment, then zeros). The writer can only produce that
+encoding and the reader renders it from the members it found and requires the file's headers
+to equal it byte for byte (:func:`canonical_headers`), so every byte of an archive is either
+member data (covered by the manifest's digests, or the CRC-32 of the JSON members) or checked
+exactly: no byte of a signed archive can change unnoticed.
 
-The file stays whole (writer + reader, ~900 lines) because both halves share the byte layout
+The file stays whole (writer + reader, ~1000 lines) because both halves share the byte layout
 defined at the top; splitting them would put the layout in two places. CRC-32 lives in
 ``_crc32.py`` and is re-exported here.
 """
@@ -43,18 +48,30 @@ from hkstore.errors import (
     UnsupportedContainerVersionError,
 )
 from hkstore.store._crc32 import CRC32_IMPLEMENTATION, crc32, crc32_combine
+from hkstore.store._fileio import BufferSource, ByteSource
 from hkstore.store._limits import DEFAULT_LIMITS, Limits
-from hkstore.store._members import CRC_CHECKED, MANIFEST, MEMBER_NAMES, SIGNATURE
+from hkstore.store._members import (
+    CRC_CHECKED,
+    MANIFEST,
+    MEMBER_LAYOUT,
+    MEMBER_NAMES,
+    MEMBER_ORDER,
+    SIGNATURE,
+)
 
 __all__ = [
     "ARCHIVE_COMMENT",
     "CRC32_IMPLEMENTATION",
+    "MEMBER_LAYOUT",
     "MEMBER_NAMES",
+    "MEMBER_ORDER",
+    "Container",
     "ContainerWriter",
     "MemberInfo",
     "MemberStream",
     "crc32",
     "crc32_combine",
+    "parse_container",
     "read_container",
 ]
 
@@ -70,6 +87,22 @@ _ZIP64_LOCATOR = struct.Struct("<IIQI")  # 20 bytes
 _EXTRA_HEAD = struct.Struct("<HH")
 _U16 = struct.Struct("<H")
 _U64 = struct.Struct("<Q")
+# Field names, for messages that say which header field differs from its one allowed value.
+_LOCAL_FIELDS = ("signature", "version needed", "flags", "compression method", "DOS time",
+                 "DOS date", "CRC-32", "compressed size", "uncompressed size", "name length",
+                 "extra field length")  # fmt: skip
+_CENTRAL_FIELDS = ("signature", "version made by", "version needed", "flags",
+                   "compression method", "DOS time", "DOS date", "CRC-32", "compressed size",
+                   "uncompressed size", "name length", "extra field length",
+                   "file comment length", "disk number start", "internal attributes",
+                   "external attributes", "local header offset")  # fmt: skip
+_EOCD_FIELDS = ("signature", "disk number", "central directory disk", "entries on this disk",
+                "entries", "central directory size", "central directory offset",
+                "comment length")  # fmt: skip
+_ZIP64_EOCD_FIELDS = ("signature", "record size", "version made by", "version needed",
+                      "disk number", "central directory disk", "entries on this disk",
+                      "entries", "central directory size", "central directory offset")  # fmt: skip
+_ZIP64_LOCATOR_FIELDS = ("signature", "end record disk", "end record offset", "disks")
 
 _SIG_LOCAL = 0x04034B50
 _SIG_CENTRAL = 0x02014B50
@@ -82,7 +115,6 @@ _EXTRA_ZIP64 = 0x0001
 _EXTRA_PAD = 0xD935  # zipalign's id: u16 alignment then zero bytes
 _ZIP64_RESERVE = _EXTRA_HEAD.size + 16  # local ZIP64 field: uncompressed + compressed sizes
 _PAD_MIN = _EXTRA_HEAD.size + _U16.size
-_MAX_ALIGN = 1 << 15
 
 _U32_MAX = 0xFFFFFFFF
 _U16_MAX = 0xFFFF
@@ -98,9 +130,11 @@ _DOS_DATE = (0 << 9) | (1 << 5) | 1  # 1980-01-01: fixed, so equal inputs give e
 _EXTERNAL_ATTR = (stat.S_IFREG | 0o644) << 16
 _DOS_ATTR_REFUSED = 0x08 | 0x10  # volume label, directory
 _HOST_UNIX = 3
+#: Largest canonical central directory entry: 46 bytes, the longest name, a full ZIP64 field.
+_MAX_CENTRAL_ENTRY = _CENTRAL.size + max(map(len, MEMBER_NAMES)) + _EXTRA_HEAD.size + 24
 
 
-# --- writer --------------------------------------------------------------------------------
+# --- the one layout: what every header must hold ---------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -114,12 +148,111 @@ class MemberInfo:
     crc32: int
 
 
+def _zip64_from(force_zip64: bool) -> int:
+    """Values at or above this are written through ZIP64 (every value when forced, in tests)."""
+    return 0 if force_zip64 else _U32_MAX
+
+
+def _extra_length(name: str, header_offset: int, size: int | None, zip64_at: int) -> int:
+    """Length of the local extra field of ``name`` at ``header_offset``: ZIP64 reserve + padding.
+
+    ``size`` is ``None`` for a member whose size is not known yet (a streamed one).
+    """
+    align, streamed = MEMBER_LAYOUT[name]
+    reserve = streamed or size is None or size >= zip64_at
+    fixed = _ZIP64_RESERVE if reserve else 0
+    base = header_offset + _LOCAL.size + len(name.encode()) + fixed
+    pad = (-base) % align
+    while 0 < pad < _PAD_MIN:  # a padding field needs at least its head and alignment value
+        pad += align
+    return fixed + pad
+
+
+def _padding_field(total: int, align: int) -> bytes:
+    return _EXTRA_HEAD.pack(_EXTRA_PAD, total - 4) + _U16.pack(align) + bytes(total - _PAD_MIN)
+
+
+def _local_header(
+    name: str, header_offset: int, size: int, crc: int, extra_len: int, zip64_at: int
+) -> bytes:
+    """The canonical local header (30 bytes, name, extra field) of one member."""
+    align = MEMBER_LAYOUT[name][0]
+    zip64 = size >= zip64_at
+    extra = b""
+    rest = extra_len
+    if zip64:
+        extra = _EXTRA_HEAD.pack(_EXTRA_ZIP64, 16) + _U64.pack(size) * 2
+        rest -= _ZIP64_RESERVE
+    if rest:
+        extra += _padding_field(rest, align)
+    needed = _VERSION_NEEDED_ZIP64 if zip64 or header_offset >= zip64_at else _VERSION_NEEDED
+    size32 = _U32_MAX if zip64 else size
+    encoded = name.encode()
+    return (
+        _LOCAL.pack(
+            _SIG_LOCAL, needed, _FLAG_UTF8, _METHOD_STORED, _DOS_TIME, _DOS_DATE, crc,
+            size32, size32, len(encoded), len(extra),
+        )
+        + encoded
+        + extra
+    )  # fmt: skip
+
+
+def _central_entry(info: MemberInfo, zip64_at: int) -> bytes:
+    """The canonical central directory entry of one member."""
+    name = info.name.encode()
+    sizes_zip64 = info.size >= zip64_at
+    offset_zip64 = info.header_offset >= zip64_at
+    values = ([info.size, info.size] if sizes_zip64 else []) + (
+        [info.header_offset] if offset_zip64 else []
+    )
+    extra = b""
+    if values:
+        extra = _EXTRA_HEAD.pack(_EXTRA_ZIP64, 8 * len(values)) + b"".join(
+            _U64.pack(v) for v in values
+        )
+    size32 = _U32_MAX if sizes_zip64 else info.size
+    needed = _VERSION_NEEDED_ZIP64 if sizes_zip64 or offset_zip64 else _VERSION_NEEDED
+    return (
+        _CENTRAL.pack(
+            _SIG_CENTRAL, _VERSION_MADE_BY, needed, _FLAG_UTF8, _METHOD_STORED, _DOS_TIME,
+            _DOS_DATE, info.crc32, size32, size32, len(name), len(extra), 0, 0, 0,
+            _EXTERNAL_ATTR, _U32_MAX if offset_zip64 else info.header_offset,
+        )
+        + name
+        + extra
+    )  # fmt: skip
+
+
+def _end_records(count: int, cd_offset: int, cd_size: int, zip64_at: int) -> bytes:
+    """The canonical ZIP64 end record and locator (when needed) and end record with comment."""
+    out = b""
+    if cd_offset >= zip64_at or cd_size >= zip64_at:
+        zip64_offset = cd_offset + cd_size
+        out += _ZIP64_EOCD.pack(
+            _SIG_ZIP64_EOCD, _ZIP64_EOCD_RECORD_SIZE, _VERSION_MADE_BY, _VERSION_NEEDED_ZIP64,
+            0, 0, count, count, cd_size, cd_offset,
+        )  # fmt: skip
+        out += _ZIP64_LOCATOR.pack(_SIG_ZIP64_LOCATOR, 0, zip64_offset, 1)
+    return (
+        out
+        + _EOCD.pack(
+            _SIG_EOCD, 0, 0, min(count, _U16_MAX), min(count, _U16_MAX),
+            min(cd_size, _U32_MAX), min(cd_offset, _U32_MAX), len(ARCHIVE_COMMENT),
+        )
+        + ARCHIVE_COMMENT
+    )  # fmt: skip
+
+
+# --- writer --------------------------------------------------------------------------------
+
+
 @dataclass
 class _Pending:
-    name: bytes
+    name: str
     header_offset: int
-    align: int
     extra_len: int  # fixed at begin; the patched header keeps the same length
+    expected_size: int | None = None
 
 
 def _byte_view(data: BytesLike) -> memoryview:
@@ -127,21 +260,6 @@ def _byte_view(data: BytesLike) -> memoryview:
     if view.ndim != 1 or view.itemsize != 1:
         view = view.cast("B")  # raises TypeError for non-contiguous buffers
     return view
-
-
-def _padding_field(total: int, align: int) -> bytes:
-    return _EXTRA_HEAD.pack(_EXTRA_PAD, total - 4) + _U16.pack(align) + bytes(total - _PAD_MIN)
-
-
-def _local_extra(extra_len: int, align: int, zip64_size: int | None) -> bytes:
-    """Local extra field of exactly ``extra_len`` bytes: ZIP64 sizes (if any) + padding."""
-    parts = []
-    if zip64_size is not None:
-        parts.append(_EXTRA_HEAD.pack(_EXTRA_ZIP64, 16) + _U64.pack(zip64_size) * 2)
-        extra_len -= _ZIP64_RESERVE
-    if extra_len:
-        parts.append(_padding_field(extra_len, align))
-    return b"".join(parts)
 
 
 class MemberStream:
@@ -180,7 +298,8 @@ class MemberStream:
             Where the member landed.
 
         Raises:
-            ValueError: no CRC available, or the given one differs from the computed one.
+            ValueError: no CRC available, the given one differs from the computed one, or
+                the size differs from the one announced to ``begin_member``.
         """
         if self._done:
             raise ValueError("finish() called twice")
@@ -191,19 +310,28 @@ class MemberStream:
             raise ValueError(
                 f"finish(crc32={crc:#010x}) but the data written has {self._crc:#010x}"
             )
+        expected = self._pending.expected_size
+        if expected is not None and expected != self._size:
+            raise ValueError(
+                f"member {self._pending.name!r}: {self._size} bytes written, "
+                f"begin_member(size={expected}) announced"
+            )
         self._done = True
         return self._writer._finish(self._pending, self._size, crc)
 
 
 class ContainerWriter:
-    """Write an archive's members (stored, deterministic bytes) into a seekable binary file.
+    """Write an archive's members (stored, canonical bytes) into a seekable binary file.
 
-    Members are written one at a time, in the order the caller chooses. The caller owns the
-    file: :meth:`close` writes the central directory but does not close it.
+    Members are written one at a time, in :data:`MEMBER_ORDER` (any subset, ``manifest.json``
+    required); each member's alignment and extra field come from :data:`MEMBER_LAYOUT`, so
+    equal members always give equal bytes and the reader accepts exactly what this writes.
+    The caller owns the file: :meth:`close` writes the central directory but does not close it.
 
     Args:
         fileobj: seekable binary file (or ``io.BytesIO``) positioned at 0.
-        force_zip64: write ZIP64 records even when nothing needs them (tests).
+        force_zip64: write every size and offset through ZIP64 records (tests only: such a
+            container is read back only by ``read_container(..., force_zip64=True)``).
 
     Example:
         >>> import io
@@ -219,41 +347,42 @@ class ContainerWriter:
         if fileobj.tell() != 0:
             raise ValueError("ContainerWriter needs a file positioned at offset 0")
         self._file = fileobj
-        self._force_zip64 = force_zip64
+        self._zip64_at = _zip64_from(force_zip64)
         self._pos = 0
         self._members: list[MemberInfo] = []
         self._stream: MemberStream | None = None
         self._closed = False
 
-    def add_member(self, name: str, data: BytesLike, *, align: int = 1) -> MemberInfo:
+    def add_member(self, name: str, data: BytesLike) -> MemberInfo:
         """Write a whole member whose bytes are in memory.
 
         Args:
-            name: one of :data:`MEMBER_NAMES`, not already written.
+            name: one of :data:`MEMBER_ORDER`, after those already written.
             data: the member's bytes (any bytes-like object).
-            align: the data start is padded to a multiple of this (power of two <= 32768).
 
         Returns:
             Where the member landed.
 
         Raises:
-            ValueError: bad name or alignment, duplicate, a member still open, or closed.
+            ValueError: bad name, duplicate or out of order, a member still open, or closed.
         """
         view = _byte_view(data)
         size = view.nbytes
-        zip64 = self._force_zip64 or size >= _U32_MAX
-        pending = self._begin(name, align, reserve_zip64=zip64)
+        pending = self._begin(name, size)
         crc = crc32(view)
         self._write(self._header(pending, size, crc))
         self._write(view)
         return self._record(pending, size, crc)
 
-    def begin_member(self, name: str, *, align: int = 64, compute_crc: bool = True) -> MemberStream:
-        """Start a member streamed in pieces; sizes may pass 4 GiB (ZIP64 space is reserved).
+    def begin_member(
+        self, name: str, *, size: int | None = None, compute_crc: bool = True
+    ) -> MemberStream:
+        """Start a member streamed in pieces; sizes may pass 4 GiB.
 
         Args:
-            name: one of :data:`MEMBER_NAMES`, not already written.
-            align: the data start is padded to a multiple of this (power of two <= 32768).
+            name: one of :data:`MEMBER_ORDER`, after those already written.
+            size: the member's final size; required for a member that is not streamed in
+                :data:`MEMBER_LAYOUT` (its header has no room reserved for ZIP64 sizes).
             compute_crc: CRC the data inline; pass False when the caller supplies the CRC to
                 :meth:`MemberStream.finish` (e.g. combined from per-tensor CRCs).
 
@@ -261,10 +390,14 @@ class ContainerWriter:
             The stream; finish it before starting another member.
 
         Raises:
-            ValueError: bad name or alignment, duplicate, a member still open, or closed.
+            ValueError: bad name, duplicate or out of order, a member still open, closed, or
+                ``size`` missing for a member that needs it.
         """
-        pending = self._begin(name, align, reserve_zip64=True)
-        self._write(self._header(pending, 0, 0))
+        if size is None and not MEMBER_LAYOUT.get(name, (1, True))[1]:
+            raise ValueError(f"begin_member({name!r}) needs size=: that member is not streamed")
+        pending = self._begin(name, size)
+        pending.expected_size = size
+        self._write(self._header(pending, 0 if size is None else size, 0))
         self._stream = MemberStream(self, pending, compute_crc=compute_crc)
         return self._stream
 
@@ -280,25 +413,9 @@ class ContainerWriter:
         if not any(m.name == MANIFEST for m in self._members):
             raise ValueError("container has no manifest.json (every archive needs one)")
         cd_offset = self._pos
-        self._write(b"".join(self._central_entry(m) for m in self._members))
+        self._write(b"".join(_central_entry(m, self._zip64_at) for m in self._members))
         cd_size = self._pos - cd_offset
-        count = len(self._members)
-        if self._force_zip64 or cd_offset >= _U32_MAX or cd_size >= _U32_MAX:
-            zip64_offset = self._pos
-            self._write(
-                _ZIP64_EOCD.pack(
-                    _SIG_ZIP64_EOCD, _ZIP64_EOCD_RECORD_SIZE, _VERSION_MADE_BY,
-                    _VERSION_NEEDED_ZIP64, 0, 0, count, count, cd_size, cd_offset,
-                )
-            )  # fmt: skip
-            self._write(_ZIP64_LOCATOR.pack(_SIG_ZIP64_LOCATOR, 0, zip64_offset, 1))
-        self._write(
-            _EOCD.pack(
-                _SIG_EOCD, 0, 0, count, count, min(cd_size, _U32_MAX),
-                min(cd_offset, _U32_MAX), len(ARCHIVE_COMMENT),
-            )
-            + ARCHIVE_COMMENT
-        )  # fmt: skip
+        self._write(_end_records(len(self._members), cd_offset, cd_size, self._zip64_at))
         self._file.flush()
         self._closed = True
 
@@ -318,45 +435,31 @@ class ContainerWriter:
 
     def _check_no_open_stream(self) -> None:
         if self._stream is not None and not self._stream._done:
-            raise ValueError(f"member {self._stream._pending.name.decode()!r} is not finished")
+            raise ValueError(f"member {self._stream._pending.name!r} is not finished")
 
-    def _begin(self, name: str, align: int, *, reserve_zip64: bool) -> _Pending:
+    def _begin(self, name: str, size: int | None) -> _Pending:
         if self._closed:
             raise ValueError("container is closed")
         self._check_no_open_stream()
         if name not in MEMBER_NAMES:
-            raise ValueError(f"member name {name!r} is not one of {sorted(MEMBER_NAMES)}")
+            raise ValueError(f"member name {name!r} is not one of {list(MEMBER_ORDER)}")
         if any(m.name == name for m in self._members):
             raise ValueError(f"member {name!r} written twice")
-        if not (1 <= align <= _MAX_ALIGN and align & (align - 1) == 0):
-            raise ValueError(f"align must be a power of two in 1..{_MAX_ALIGN}, got {align}")
-        encoded = name.encode()
-        fixed = _ZIP64_RESERVE if reserve_zip64 else 0
-        base = self._pos + _LOCAL.size + len(encoded) + fixed
-        pad = (-base) % align
-        while 0 < pad < _PAD_MIN:
-            pad += align
-        return _Pending(encoded, self._pos, align, fixed + pad)
+        if self._members and MEMBER_ORDER.index(name) < MEMBER_ORDER.index(
+            self._members[-1].name
+        ):
+            raise ValueError(
+                f"member {name!r} after {self._members[-1].name!r}: members are written in "
+                f"the order {list(MEMBER_ORDER)}"
+            )
+        return _Pending(name, self._pos, _extra_length(name, self._pos, size, self._zip64_at))
 
     def _header(self, pending: _Pending, size: int, crc: int) -> bytes:
-        zip64 = self._force_zip64 or size >= _U32_MAX
-        if zip64 and pending.extra_len < _ZIP64_RESERVE:  # add_member decided up front
+        if size >= self._zip64_at and pending.extra_len < _ZIP64_RESERVE:
             raise AssertionError("ZIP64 member without reserved extra space")
-        extra = _local_extra(pending.extra_len, pending.align, size if zip64 else None)
-        needed = (
-            _VERSION_NEEDED_ZIP64
-            if self._entry_zip64(pending.header_offset, size)
-            else _VERSION_NEEDED
+        return _local_header(
+            pending.name, pending.header_offset, size, crc, pending.extra_len, self._zip64_at
         )
-        size32 = _U32_MAX if zip64 else size
-        header = _LOCAL.pack(
-            _SIG_LOCAL, needed, _FLAG_UTF8, _METHOD_STORED, _DOS_TIME, _DOS_DATE, crc,
-            size32, size32, len(pending.name), len(extra),
-        )  # fmt: skip
-        return header + pending.name + extra
-
-    def _entry_zip64(self, header_offset: int, size: int) -> bool:
-        return self._force_zip64 or size >= _U32_MAX or header_offset >= _U32_MAX
 
     def _finish(self, pending: _Pending, size: int, crc: int) -> MemberInfo:
         header = self._header(pending, size, crc)
@@ -366,36 +469,12 @@ class ContainerWriter:
         return self._record(pending, size, crc)
 
     def _record(self, pending: _Pending, size: int, crc: int) -> MemberInfo:
-        data_offset = pending.header_offset + _LOCAL.size + len(pending.name) + pending.extra_len
-        info = MemberInfo(pending.name.decode(), pending.header_offset, data_offset, size, crc)
+        data_offset = (
+            pending.header_offset + _LOCAL.size + len(pending.name.encode()) + pending.extra_len
+        )
+        info = MemberInfo(pending.name, pending.header_offset, data_offset, size, crc)
         self._members.append(info)
         return info
-
-    def _central_entry(self, m: MemberInfo) -> bytes:
-        name = m.name.encode()
-        sizes_zip64 = self._force_zip64 or m.size >= _U32_MAX
-        offset_zip64 = self._force_zip64 or m.header_offset >= _U32_MAX
-        values = ([m.size, m.size] if sizes_zip64 else []) + (
-            [m.header_offset] if offset_zip64 else []
-        )
-        extra = b""
-        if values:
-            extra = _EXTRA_HEAD.pack(_EXTRA_ZIP64, 8 * len(values)) + b"".join(
-                _U64.pack(v) for v in values
-            )
-        size32 = _U32_MAX if sizes_zip64 else m.size
-        needed = (
-            _VERSION_NEEDED_ZIP64 if self._entry_zip64(m.header_offset, m.size) else _VERSION_NEEDED
-        )
-        return (
-            _CENTRAL.pack(
-                _SIG_CENTRAL, _VERSION_MADE_BY, needed, _FLAG_UTF8, _METHOD_STORED, _DOS_TIME,
-                _DOS_DATE, m.crc32, size32, size32, len(name), len(extra), 0, 0, 0,
-                _EXTERNAL_ATTR, _U32_MAX if offset_zip64 else m.header_offset,
-            )
-            + name
-            + extra
-        )  # fmt: skip
 
 
 # --- reader --------------------------------------------------------------------------------
@@ -418,24 +497,43 @@ class _Central:
     header_offset: int
 
 
+@dataclass(frozen=True)
+class Container:
+    """What :func:`parse_container` found: where each member lies, and the small members.
+
+    Attributes:
+        members: member name -> :class:`MemberInfo`, in file order.
+        payloads: the bytes of ``manifest.json`` and ``signature.json`` (when present), read
+            once and CRC-checked: callers use these very bytes, never a second read.
+    """
+
+    members: dict[str, MemberInfo]
+    payloads: dict[str, bytes]
+
+
 def read_container(
-    buf: bytes | bytearray | memoryview | mmap.mmap, limits: Limits = DEFAULT_LIMITS
+    buf: bytes | bytearray | memoryview | mmap.mmap,
+    limits: Limits = DEFAULT_LIMITS,
+    *,
+    force_zip64: bool = False,
 ) -> dict[str, MemberInfo]:
     """Parse and check an archive's ZIP structure; nothing is decompressed or interpreted.
 
-    Fails closed on anything an hkstore writer would not produce: the end record must end the
-    file with comment :data:`ARCHIVE_COMMENT`; members must have known, unique names (with
-    ``manifest.json`` present), be stored, unencrypted, without data descriptors, regular files;
-    each local header must agree with its central entry; and local headers + data, central
-    directory, ZIP64 records and end record must tile the file exactly from byte 0 (no gaps,
-    overlaps, prepended or trailing bytes). Extra fields other than ZIP64 (0x0001) and, in local
-    headers, padding (0xD935, zero bytes after its u16) are refused, as are entry comments. The
-    CRC-32 of ``manifest.json`` and ``signature.json`` is checked; the other members are
-    covered by the manifest's digests.
+    Fails closed on anything but the one encoding the writer produces (see the module
+    docstring): the end record must end the file with comment :data:`ARCHIVE_COMMENT`;
+    members must have known, unique names (with ``manifest.json`` present) in
+    :data:`MEMBER_ORDER`, be stored, unencrypted, without data descriptors; each local header
+    must agree with its central entry; local headers + data, central directory, ZIP64 records
+    and end record must tile the file exactly from byte 0 (no gaps, overlaps, prepended or
+    trailing bytes); and finally every header byte must equal its canonical value. The CRC-32
+    of ``manifest.json`` and ``signature.json`` is checked; the other members are covered by
+    the manifest's digests.
 
     Args:
-        buf: the whole archive (bytes, memoryview or mmap); not copied.
+        buf: the whole archive (bytes, memoryview or mmap); read, not copied whole.
         limits: size limits (total, per member, manifest, signature).
+        force_zip64: expect the all-ZIP64 encoding of ``ContainerWriter(force_zip64=True)``
+            (tests only).
 
     Returns:
         Member name -> :class:`MemberInfo`, in file order.
@@ -447,14 +545,27 @@ def read_container(
     """
     view = memoryview(buf)
     try:
-        flat = view if view.ndim == 1 and view.itemsize == 1 else view.cast("B")
-        try:
-            return _Reader(flat, limits).read()
-        finally:
-            if flat is not view:
-                flat.release()
+        return parse_container(BufferSource(view), limits, force_zip64=force_zip64).members
     finally:
         view.release()
+
+
+def parse_container(
+    source: ByteSource, limits: Limits = DEFAULT_LIMITS, *, force_zip64: bool = False
+) -> Container:
+    """Check a container read from ``source`` (see :func:`read_container`).
+
+    Reads only the end records, the central directory, the local headers and the two JSON
+    members, each into memory it owns, each bounded before it is read.
+
+    Returns:
+        A :class:`Container`.
+
+    Raises:
+        ContainerError, LimitExceededError: as :func:`read_container`; also when the file
+            ends early while it is read (changed on disk after it was opened).
+    """
+    return _Reader(source, limits, _zip64_from(force_zip64)).read()
 
 
 def _fail(problems: list[str]) -> ContainerError:
@@ -469,18 +580,40 @@ def _member(name: str | bytes, offset: int, kind: str = "central directory entry
     return f"member {shown} ({kind} at offset {offset})"
 
 
+def _differences(
+    where: str, layout: struct.Struct, fields: tuple[str, ...], actual: bytes, expected: bytes
+) -> list[str]:
+    """Name each field of a fixed-layout record (and its tail) that differs from its value."""
+    out = []
+    if len(actual) >= layout.size and len(expected) >= layout.size:
+        got = layout.unpack_from(actual)
+        want = layout.unpack_from(expected)
+        for field, a, b in zip(fields, got, want, strict=True):
+            if a != b:
+                out.append(f"{where}: {field} is {a:#x}; the only allowed value is {b:#x}")
+    if actual[layout.size :] != expected[layout.size :] and not out:
+        out.append(
+            f"{where}: name or extra field bytes {actual[layout.size:].hex()} differ from the "
+            f"only allowed bytes {expected[layout.size:].hex()}"
+        )
+    if not out and actual != expected:  # pragma: no cover - lengths differ with equal fields
+        out.append(f"{where}: differs from its only allowed encoding")
+    return out
+
+
 class _Reader:
-    def __init__(self, buf: memoryview, limits: Limits) -> None:
-        self._buf = buf
+    def __init__(self, source: ByteSource, limits: Limits, zip64_at: int) -> None:
+        self._src = source
         self._limits = limits
-        self._size = buf.nbytes
+        self._size = source.size
+        self._zip64_at = zip64_at
 
     def _unpack(self, layout: struct.Struct, offset: int, end: int, what: str) -> tuple[int, ...]:
         if offset < 0 or offset + layout.size > end:
             raise _fail([f"{what} at offset {offset} runs past offset {end} (truncated?)"])
-        return layout.unpack_from(self._buf, offset)
+        return layout.unpack(self._src.read(offset, layout.size))
 
-    def read(self) -> dict[str, MemberInfo]:
+    def read(self) -> Container:
         if self._size > self._limits.max_total_bytes:
             raise LimitExceededError(
                 f"container: file is {self._size} bytes, limit max_total_bytes is "
@@ -489,15 +622,17 @@ class _Reader:
         count, cd_offset, cd_end = self._end_records()
         entries = self._central_directory(count, cd_offset, cd_end)
         self._check_limits(entries)
-        return self._local_headers(entries, cd_offset)
+        members, payloads = self._local_headers(entries, cd_offset)
+        self._check_canonical(members, cd_offset, cd_end)
+        return Container(members, payloads)
 
     # -- end records --
 
     def _end_records(self) -> tuple[int, int, int]:
         """Return (entry count, central directory offset, central directory end)."""
-        eocd_offset = self._size - _EOCD.size - len(ARCHIVE_COMMENT)
-        tail = bytes(self._buf[max(eocd_offset, 0) :])
         expected_tail = _EOCD.size + len(ARCHIVE_COMMENT)
+        eocd_offset = self._size - expected_tail
+        tail = self._src.read(max(eocd_offset, 0), min(self._size, expected_tail))
         if (
             eocd_offset >= 0
             and struct.unpack_from("<I", tail)[0] == _SIG_EOCD
@@ -534,7 +669,7 @@ class _Reader:
         locator_offset = eocd_offset - _ZIP64_LOCATOR.size
         has_locator = (
             locator_offset >= 0
-            and struct.unpack_from("<I", self._buf, locator_offset)[0] == _SIG_ZIP64_LOCATOR
+            and struct.unpack("<I", self._src.read(locator_offset, 4))[0] == _SIG_ZIP64_LOCATOR
         )
         if not has_locator:
             if count == _U16_MAX or cd_size == _U32_MAX or cd_offset == _U32_MAX:
@@ -545,7 +680,9 @@ class _Reader:
                     ]
                 )
             return count, cd_offset, self._span_end(cd_offset, cd_size, eocd_offset)
-        _, z_disk, z_offset, disks = _ZIP64_LOCATOR.unpack_from(self._buf, locator_offset)
+        _, z_disk, z_offset, disks = self._unpack(
+            _ZIP64_LOCATOR, locator_offset, eocd_offset, "ZIP64 locator"
+        )
         record_offset = locator_offset - _ZIP64_EOCD.size
         if z_disk != 0 or disks != 1:
             raise _fail(
@@ -630,8 +767,8 @@ class _Reader:
                         f"the central directory at offset {cd_end}"
                     ]
                 )
-            raw_name = bytes(self._buf[name_start : name_start + name_len])
-            extra = bytes(self._buf[name_start + name_len : name_start + name_len + extra_len])
+            tail = self._src.read(name_start, name_len + extra_len)  # < 128 KiB
+            raw_name, extra = tail[:name_len], tail[name_len:]
             where = _member(raw_name, pos)
             name, problem = _check_name(raw_name)
             if problem:
@@ -692,7 +829,9 @@ class _Reader:
 
     # -- local headers and tiling --
 
-    def _local_headers(self, entries: list[_Central], cd_offset: int) -> dict[str, MemberInfo]:
+    def _local_headers(
+        self, entries: list[_Central], cd_offset: int
+    ) -> tuple[dict[str, MemberInfo], dict[str, bytes]]:
         problems: list[str] = []
         infos: list[MemberInfo] = []
         for entry in sorted(entries, key=lambda e: e.header_offset):
@@ -718,20 +857,22 @@ class _Reader:
                 f"{cd_offset - expected} unaccounted bytes at offset {expected} between the last "
                 f"member's data and the central directory at offset {cd_offset}"
             )
+        payloads: dict[str, bytes] = {}
         for info in infos:
             # The small JSON members have no digest of their own: their CRC catches corruption.
             # (The weights and function members are covered by the manifest's SHA-256 digests.)
             if info.name in CRC_CHECKED and not problems:
-                with self._buf[info.data_offset : info.data_offset + info.size] as data:
-                    actual = crc32(data)  # (released at once: callers may close their mmap)
+                data = self._src.read(info.data_offset, info.size)  # capped by _check_limits
+                actual = crc32(data)
                 if actual != info.crc32:
                     problems.append(
                         f"{_member(info.name, info.data_offset, 'data')}: CRC-32 of its "
                         f"{info.size} bytes is {actual:#010x}; its headers say {info.crc32:#010x}"
                     )
+                payloads[info.name] = data
         if problems:
             raise _fail(problems)
-        return {info.name: info for info in infos}
+        return {info.name: info for info in infos}, payloads
 
     def _local_header(
         self, entry: _Central, cd_offset: int, problems: list[str]
@@ -745,7 +886,7 @@ class _Reader:
             )
             return None
         (sig, needed, flags, method, time, date, crc, csize32, usize32, name_len,
-         extra_len) = _LOCAL.unpack_from(self._buf, offset)  # fmt: skip
+         extra_len) = _LOCAL.unpack(self._src.read(offset, _LOCAL.size))  # fmt: skip
         if sig != _SIG_LOCAL:
             problems.append(f"{where}: expected signature {_SIG_LOCAL:#010x}, found {sig:#010x}")
             return None
@@ -754,8 +895,8 @@ class _Reader:
         if data_offset > cd_offset:
             problems.append(f"{where}: name and extra field run into the central directory")
             return None
-        raw_name = bytes(self._buf[name_start : name_start + name_len])
-        extra = bytes(self._buf[name_start + name_len : data_offset])
+        tail = self._src.read(name_start, name_len + extra_len)  # < 128 KiB
+        raw_name, extra = tail[:name_len], tail[name_len:]
         fields = _parse_extra(
             extra, allowed={_EXTRA_ZIP64, _EXTRA_PAD}, problems=problems, where=where
         )
@@ -789,6 +930,66 @@ class _Reader:
             )
             return None
         return MemberInfo(entry.name, offset, data_offset, entry.size, entry.crc)
+
+    # -- one encoding --
+
+    def _check_canonical(
+        self, members: dict[str, MemberInfo], cd_offset: int, cd_end: int
+    ) -> None:
+        """Require every byte outside member data to equal the writer's one encoding."""
+        names = list(members)
+        order = [name for name in MEMBER_ORDER if name in members]
+        if names != order:
+            raise _fail([f"members are in the order {names}; the format's order is {order}"])
+        problems: list[str] = []
+        for info in members.values():
+            extra_len = _extra_length(info.name, info.header_offset, info.size, self._zip64_at)
+            want = _local_header(
+                info.name, info.header_offset, info.size, info.crc32, extra_len, self._zip64_at
+            )
+            have = self._src.read(info.header_offset, info.data_offset - info.header_offset)
+            if have != want:
+                where = _member(info.name, info.header_offset, "local header")
+                problems += _differences(where, _LOCAL, _LOCAL_FIELDS, have, want)
+        if problems:
+            raise _fail(problems)
+        pos = cd_offset
+        for info in members.values():  # central entries are in file order (checked above)
+            want = _central_entry(info, self._zip64_at)
+            have = self._src.read(pos, min(cd_end - pos, _MAX_CENTRAL_ENTRY))[: len(want)]
+            if have != want:
+                where = _member(info.name, pos)
+                problems += _differences(where, _CENTRAL, _CENTRAL_FIELDS, have, want)
+                raise _fail(problems)  # entries after a differing one are misaligned
+            pos += len(want)
+        want_end = _end_records(len(members), cd_offset, cd_end - cd_offset, self._zip64_at)
+        if pos != cd_end or self._size - cd_end != len(want_end):
+            raise _fail(
+                [
+                    f"central directory and end records span offsets {cd_offset}..{self._size}; "
+                    f"their only allowed encoding spans {cd_offset}..{pos + len(want_end)}"
+                ]
+            )
+        have_end = self._src.read(cd_end, len(want_end))
+        if have_end != want_end:
+            at = cd_end
+            if len(want_end) > _EOCD.size + len(ARCHIVE_COMMENT):
+                problems += _differences(
+                    f"ZIP64 end record at offset {at}", _ZIP64_EOCD, _ZIP64_EOCD_FIELDS,
+                    have_end[: _ZIP64_EOCD.size], want_end[: _ZIP64_EOCD.size],
+                )  # fmt: skip
+                at += _ZIP64_EOCD.size
+                problems += _differences(
+                    f"ZIP64 locator at offset {at}", _ZIP64_LOCATOR, _ZIP64_LOCATOR_FIELDS,
+                    have_end[_ZIP64_EOCD.size : at - cd_end + _ZIP64_LOCATOR.size],
+                    want_end[_ZIP64_EOCD.size : at - cd_end + _ZIP64_LOCATOR.size],
+                )  # fmt: skip
+                at += _ZIP64_LOCATOR.size
+            problems += _differences(
+                f"end record at offset {at}", _EOCD, _EOCD_FIELDS,
+                have_end[at - cd_end :], want_end[at - cd_end :],
+            )  # fmt: skip
+            raise _fail(problems or [f"end records at offset {cd_end} differ from their encoding"])
 
 
 def _check_name(raw: bytes) -> tuple[str, str | None]:

@@ -36,6 +36,7 @@ __all__ = [
     "PICKLE_PROTOCOL",
     "ROLES",
     "FunctionKind",
+    "check_reference",
     "check_runtime",
     "current_runtime",
     "describe_functions",
@@ -199,6 +200,42 @@ def _parse_ref(ref: Any) -> tuple[str, list[str]]:
     return module, qualname.split(".")
 
 
+def check_reference(spec: Mapping[str, Any], trust: Trust) -> str:
+    """Run the checks of :func:`resolve_reference` that come before the import; import nothing.
+
+    The reference's form, its segments (no private or dunder name), its ``kwargs`` (a JSON
+    object of JSON values: what an archive or a config may pass to the function), and
+    :meth:`Trust.allows_module`.
+
+    Returns:
+        The module the reference would import.
+
+    Raises:
+        RefusedCodeError: any of the checks above fails.
+        TypeError: ``trust`` is not a :class:`Trust`.
+    """
+    if not isinstance(trust, Trust):
+        raise TypeError(f"resolve_reference: expected a Trust, got {type(trust).__name__}")
+    if spec.get("kind") != "reference":
+        raise RefusedCodeError(f"function spec {dict(spec)!r} is not a reference")
+    ref = spec.get("ref")
+    kwargs = spec.get("kwargs", {})
+    if not isinstance(kwargs, Mapping) or not all(isinstance(k, str) for k in kwargs):
+        raise RefusedCodeError(f"reference {ref!r}: kwargs must be a JSON object")
+    try:
+        canonical_json(dict(kwargs), what=f"reference {ref!r}: kwargs")
+    except ManifestError as exc:
+        raise RefusedCodeError(f"{exc} (a reference's kwargs are JSON values only)") from None
+    module_name, _ = _parse_ref(ref)
+    if not trust.allows_module(module_name):
+        allowed = ", ".join(map(repr, trust.modules)) or "none"
+        raise RefusedCodeError(
+            f"reference {ref!r}: module {module_name!r} is not in the allowed modules "
+            f"({allowed}); add it to Trust(modules=[...]) if you trust its code"
+        )
+    return module_name
+
+
 def resolve_reference(spec: Mapping[str, Any], trust: Trust) -> Callable[..., Any]:
     """Import the function a reference names, only if ``trust`` allows its module.
 
@@ -224,21 +261,10 @@ def resolve_reference(spec: Mapping[str, Any], trust: Trust) -> Callable[..., An
             is not callable.
         TypeError: ``trust`` is not a :class:`Trust`.
     """
-    if not isinstance(trust, Trust):
-        raise TypeError(f"resolve_reference: expected a Trust, got {type(trust).__name__}")
-    if spec.get("kind") != "reference":
-        raise RefusedCodeError(f"function spec {dict(spec)!r} is not a reference")
-    ref = spec.get("ref")
+    module_name = check_reference(spec, trust)
+    ref = spec["ref"]
     kwargs = spec.get("kwargs", {})
-    if not isinstance(kwargs, Mapping) or not all(isinstance(k, str) for k in kwargs):
-        raise RefusedCodeError(f"reference {ref!r}: kwargs must be a JSON object")
-    module_name, parts = _parse_ref(ref)
-    if not trust.allows_module(module_name):
-        allowed = ", ".join(map(repr, trust.modules)) or "none"
-        raise RefusedCodeError(
-            f"reference {ref!r}: module {module_name!r} is not in the allowed modules "
-            f"({allowed}); add it to Trust(modules=[...]) if you trust its code"
-        )
+    _, parts = _parse_ref(ref)
     try:
         obj: Any = importlib.import_module(module_name)
     except Exception as exc:  # an allowed module's own import error: say so, plainly

@@ -73,8 +73,11 @@ _PLAIN_REFERENCE_OPS = (
 _PLAIN_REFERENCE_MAX_OPS = 64
 
 # Errors pickletools raises on bytes it cannot decode (truncation, unknown opcode, bad
-# escapes or UTF-8, oversized decimal ints); wrapped into ArchiveFormatError below.
-_DECODE_ERRORS = (ValueError, EOFError, struct.error, OverflowError, TypeError)
+# escapes or UTF-8, oversized decimal ints); wrapped into ArchiveFormatError below. An
+# invalid escape in a protocol-0 string only warns (DeprecationWarning): _replay turns that
+# warning into an error too, so hostile bytes never leak a warning (or, under -W error, a
+# bare exception) out of the scan.
+_DECODE_ERRORS = (ValueError, EOFError, struct.error, OverflowError, TypeError, DeprecationWarning)
 
 
 class _Opaque:
@@ -217,16 +220,18 @@ def _replay(data: bytes | bytearray | memoryview, *, max_ops: int) -> _Walk:
         raise ArchiveFormatError("malformed pickle: empty input (no STOP opcode)")
     machine = _Machine()
     walk = machine.walk
-    for opcode, arg, pos in _ops(data):
-        walk.ops += 1
-        if walk.ops > max_ops:
-            raise LimitExceededError(
-                f"pickle has more than {max_ops} opcodes (max_ops); refusing to scan further"
-            )
-        walk.op_names.add(opcode.name)
-        machine.step(opcode, arg, pos)
-        if machine.stopped:
-            break
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)
+        for opcode, arg, pos in _ops(data):
+            walk.ops += 1
+            if walk.ops > max_ops:
+                raise LimitExceededError(
+                    f"pickle has more than {max_ops} opcodes (max_ops); refusing to scan further"
+                )
+            walk.op_names.add(opcode.name)
+            machine.step(opcode, arg, pos)
+            if machine.stopped:
+                break
     if not machine.stopped:  # genops raises on truncation before STOP; keep this explicit
         raise ArchiveFormatError("malformed pickle: no STOP opcode")
     walk.leftover = len(machine.stack) + len(machine.metastack)

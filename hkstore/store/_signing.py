@@ -348,6 +348,15 @@ class HmacKey:
                 "(to read a secret file, use load_hmac_key(path))"
             )
         secret = bytes(secret)
+        confusion = _key_file_kind(secret)
+        if confusion is not None:
+            raise InvalidKeyError(
+                f"this HMAC secret is {confusion}, not a shared secret: an HMAC secret is "
+                "random bytes only the signing parties hold, and key files (public keys above "
+                "all) are not secret, so anyone could forge signatures with it. Use the "
+                "Ed25519 key as a key (--key / load_verifier), or generate a secret "
+                "(e.g. secrets.token_bytes(32))"
+            )
         if len(secret) < MIN_HMAC_SECRET_BYTES:
             raise InvalidKeyError(
                 f"HMAC-SHA256 secret is {len(secret)} bytes; at least {MIN_HMAC_SECRET_BYTES} "
@@ -389,6 +398,24 @@ class HmacKey:
 
     def __repr__(self) -> str:  # never shows the secret
         return f"HmacKey(key_id={self._key_id!r})"
+
+
+_SSH_KEY_PREFIXES = (b"ssh-", b"ecdsa-sha2-", b"sk-ssh-", b"sk-ecdsa-")
+
+
+def _key_file_kind(data: bytes) -> str | None:
+    """Say which key-file encoding ``data`` is in (PEM, OpenSSH), or None for other bytes.
+
+    Such content is never an HMAC secret: it is a public key (known to everyone), or a
+    private key meant for another algorithm, and taking its bytes as a secret would let
+    whoever has the file sign.
+    """
+    stripped = data.lstrip()
+    if b"-----BEGIN " in data:
+        return "a PEM key file (-----BEGIN ...-----)"
+    if stripped.startswith(_SSH_KEY_PREFIXES) or b" ssh-ed25519 " in data:
+        return "an OpenSSH public key line"
+    return None
 
 
 # --- signature.json ---------------------------------------------------------------------------

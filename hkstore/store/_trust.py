@@ -17,8 +17,17 @@ that, and only that:
                               :class:`~hkstore.errors.UnsafeTrustWarning` is emitted on every use.
 ``require_signature=True``    every load/verify fails unless a signature by one of ``keys``
                               verifies, even weights-only.
-``allow_python_mismatch``     with ``allow_pickle``: unpickle a blob written by another Python
-                              ``major.minor`` or implementation (it can crash the interpreter).
+``allow_python_mismatch``     with ``allow_pickle`` or ``approved``: unpickle a blob written by
+                              another Python ``major.minor`` or implementation (it can crash
+                              the interpreter).
+``approved=[sha256, ...]``    the pickled functions whose ``functions.pkl.zst`` bytes have one of
+                              these SHA-256 digests may be unpickled, signed or not: a receiver
+                              that reviewed a blob accepts exactly that blob (``hkstore inspect``
+                              prints the digest to pin). Any other blob is refused as before.
+``allow_stdlib=True``         ``modules`` may name standard-library modules (refused by default:
+                              several of their public functions start processes, e.g.
+                              ``pydoc.pipepager``); the modules of :data:`REFUSED_MODULE_ROOTS`
+                              stay refused even then.
 ============================  ==================================================================
 
 Combinations that cannot mean what the caller intends are refused at construction with a
@@ -26,14 +35,18 @@ Combinations that cannot mean what the caller intends are refused at constructio
 ``allow_python_mismatch`` without ``allow_pickle`` (they only widen pickle loading),
 ``require_signature`` with ``allow_unsigned``, and ``require_signature`` without keys.
 Allowing a module allows every public function in it and its sub-modules to be called with
-JSON keyword arguments chosen by the archive, so list your own model packages only; a few
-standard modules that are code-execution primitives by design (``os``, ``subprocess``,
-``builtins``, ``pickle``...) are refused outright.
+JSON keyword arguments chosen by the archive, so list your own model packages only. Standard
+library modules are refused unless ``allow_stdlib=True`` (a list of "safe" standard modules
+could never be complete), and the standard and third-party modules that are code-execution
+primitives by design (``os``, ``subprocess``, ``builtins``, ``pickle``, ``pydoc``...) are
+refused outright.
 """
 
 from __future__ import annotations
 
 import os
+import re
+import sys
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -43,37 +56,65 @@ from hkstore.errors import RefusedCodeError, TrustPolicyError, UnsafeTrustWarnin
 from hkstore.store._keys import load_verifier
 from hkstore.store._signing import ALGORITHMS, Ed25519Signer, Verifier
 
-__all__ = ["REFUSED_MODULE_ROOTS", "Trust"]
+__all__ = ["REFUSED_MODULE_ROOTS", "STDLIB_MODULES", "Trust"]
 
 #: Top-level modules that ``Trust(modules=...)`` refuses: their public functions run commands,
 #: evaluate code, load pickles or touch memory by design, so an allowlist entry for them (or
 #: below them) would turn a reference into arbitrary code execution.
 REFUSED_MODULE_ROOTS = frozenset(
     {
+        "asyncio",  # create_subprocess_shell
+        "bdb",
         "builtins",
+        "cProfile",  # run(statement) executes code
         "code",
         "codeop",
         "ctypes",
         "cloudpickle",
         "dill",
+        "distutils",
+        "doctest",
+        "ensurepip",
+        "idlelib",
+        "imp",
         "importlib",
         "joblib",
         "marshal",
         "multiprocessing",
         "nt",
         "os",
+        "pdb",
         "pickle",
+        "pkgutil",
         "posix",
+        "profile",
         "pty",
+        "pydoc",  # pipepager / tempfilepager run a shell command
         "runpy",
         "shelve",
         "shutil",
         "subprocess",
         "sys",
+        "timeit",  # timeit(stmt) executes code
+        "trace",
+        "venv",
+        "webbrowser",  # open() runs the browser command
+        "zipimport",
     }
 )
 
-_FLAGS = ("allow_pickle", "allow_unsigned", "require_signature", "allow_python_mismatch")
+#: Names of the standard library's top-level modules (refused in ``modules`` unless
+#: ``allow_stdlib=True``).
+STDLIB_MODULES: frozenset[str] = frozenset(sys.stdlib_module_names)
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+
+_FLAGS = (
+    "allow_pickle",
+    "allow_unsigned",
+    "require_signature",
+    "allow_python_mismatch",
+    "allow_stdlib",
+)
 
 
 @dataclass(frozen=True, init=False, repr=False)
@@ -91,7 +132,12 @@ class Trust:
         allow_pickle: allow unpickling the functions, when signed by one of ``keys``.
         allow_unsigned: with ``allow_pickle``, also unpickle unsigned functions (unsafe).
         require_signature: refuse any archive not signed by one of ``keys``.
-        allow_python_mismatch: with ``allow_pickle``, skip the Python version check (unsafe).
+        allow_python_mismatch: with ``allow_pickle`` or ``approved``, skip the Python version
+            check (unsafe).
+        approved: SHA-256 digests (64 hex digits) of reviewed ``functions.pkl.zst`` blobs that
+            may be unpickled, signed or not; default none.
+        allow_stdlib: let ``modules`` name standard-library modules (except the hard-refused
+            :data:`REFUSED_MODULE_ROOTS`).
 
     Raises:
         TrustPolicyError: a key or module is invalid, or the options contradict each other
@@ -111,6 +157,8 @@ class Trust:
     allow_unsigned: bool
     require_signature: bool
     allow_python_mismatch: bool
+    approved: tuple[str, ...]
+    allow_stdlib: bool
 
     def __init__(
         self,
@@ -121,25 +169,33 @@ class Trust:
         allow_unsigned: bool = False,
         require_signature: bool = False,
         allow_python_mismatch: bool = False,
+        approved: Iterable[str] = (),
+        allow_stdlib: bool = False,
     ) -> None:
         flags = {
             "allow_pickle": allow_pickle,
             "allow_unsigned": allow_unsigned,
             "require_signature": require_signature,
             "allow_python_mismatch": allow_python_mismatch,
+            "allow_stdlib": allow_stdlib,
         }
         for name, value in flags.items():
             if type(value) is not bool:  # "no" or 0 must not pass for a decision
                 raise TrustPolicyError(f"Trust({name}=...) must be True or False, got {value!r}")
         verifiers = _verifiers(keys)
-        module_names = _modules(modules)
+        module_names = _modules(modules, allow_stdlib=allow_stdlib)
+        digests = _approved(approved)
         problems = []
-        for option in ("allow_unsigned", "allow_python_mismatch"):
-            if flags[option] and not allow_pickle:
-                problems.append(
-                    f"{option}=True has no effect without allow_pickle=True (it only widens "
-                    "which pickles may be unpickled); pass both, or neither"
-                )
+        if allow_unsigned and not allow_pickle:
+            problems.append(
+                "allow_unsigned=True has no effect without allow_pickle=True (it only widens "
+                "which pickles may be unpickled); pass both, or neither"
+            )
+        if allow_python_mismatch and not (allow_pickle or digests):
+            problems.append(
+                "allow_python_mismatch=True has no effect without allow_pickle=True or "
+                "approved=[...] (it only widens which pickles may be unpickled)"
+            )
         if require_signature and allow_unsigned:
             problems.append("require_signature=True contradicts allow_unsigned=True")
         if require_signature and not verifiers:
@@ -151,6 +207,7 @@ class Trust:
             raise TrustPolicyError("invalid Trust: " + "; ".join(problems))
         object.__setattr__(self, "keys", verifiers)
         object.__setattr__(self, "modules", module_names)
+        object.__setattr__(self, "approved", digests)
         for name, value in flags.items():
             object.__setattr__(self, name, value)
 
@@ -203,21 +260,36 @@ class Trust:
             return False
         return any(name == allowed or name.startswith(allowed + ".") for allowed in self.modules)
 
-    def check_pickle_allowed(self, signature_key_id: str | None) -> None:
-        """Refuse unpickling unless this policy allows it for this signature state.
+    def check_pickle_allowed(
+        self, signature_key_id: str | None, blob_sha256: str | None = None
+    ) -> None:
+        """Refuse unpickling unless this policy allows it for this blob and signature state.
 
-        Call it after the signature was verified with :attr:`verifiers` (and before reading the
-        blob). Emits :class:`~hkstore.errors.UnsafeTrustWarning` when an unsigned pickle is
-        allowed through ``allow_unsigned``.
+        Call it after the signature was verified with :attr:`verifiers` and the blob's digest
+        was computed from its bytes (never taken from the archive's word). A blob whose
+        digest is one of :attr:`approved` is allowed, signed or not. Emits
+        :class:`~hkstore.errors.UnsafeTrustWarning` when an unsigned pickle is allowed through
+        ``allow_unsigned``.
 
         Args:
             signature_key_id: the key id that verified the signature, or ``None`` when the
                 source is unsigned or its signature was not checked.
+            blob_sha256: hex SHA-256 of the pickle blob's bytes, for :attr:`approved`.
 
         Raises:
-            RefusedCodeError: ``allow_pickle`` is off; or the pickle is not signed by a trusted
-                key and ``allow_unsigned`` is off. The message says which options would allow it.
+            RefusedCodeError: the blob is not approved and ``allow_pickle`` is off; or it is
+                not signed by a trusted key and ``allow_unsigned`` is off. The message says
+                which options would allow it.
         """
+        if blob_sha256 is not None and blob_sha256 in self.approved:
+            return
+        if self.approved and not self.allow_pickle:
+            raise RefusedCodeError(
+                f"refusing to unpickle the pickled functions: their sha256 {blob_sha256} is not "
+                f"one of the {len(self.approved)} approved digest(s) of Trust(approved=[...]); "
+                "review this blob (`hkstore inspect` prints its digest) and approve it, or "
+                "pass the functions yourself (model=..., loss=...)"
+            )
         if not self.allow_pickle:
             raise RefusedCodeError(
                 "refusing to unpickle the pickled functions: the trust policy does not allow "
@@ -255,6 +327,8 @@ class Trust:
 
     def __repr__(self) -> str:
         parts = [f"keys={self.key_ids!r}", f"modules={self.modules!r}"]
+        if self.approved:
+            parts.append(f"approved={self.approved!r}")
         parts.extend(f"{name}=True" for name in _FLAGS if getattr(self, name))
         text = f"Trust({', '.join(parts)})"
         notes = {
@@ -264,7 +338,7 @@ class Trust:
         unsafe = [notes[name] for name in self.unsafe_options]
         if unsafe:
             return f"{text} [UNSAFE: {'; '.join(unsafe)}]"
-        if not (self.modules or self.allow_pickle):
+        if not (self.modules or self.allow_pickle or self.approved):
             return f"{text} [weights only]"
         return text
 
@@ -310,7 +384,27 @@ def _module_problem(name: str) -> str | None:
     return None
 
 
-def _modules(modules: Any) -> tuple[str, ...]:
+def _approved(approved: Any) -> tuple[str, ...]:
+    """Validate ``Trust(approved=...)``: SHA-256 hex digests; duplicates dropped, order kept."""
+    if isinstance(approved, str | bytes) or not isinstance(approved, Iterable):
+        raise TrustPolicyError(
+            f"Trust(approved=...) takes a list of SHA-256 hex digests, got "
+            f"{type(approved).__name__} (for one digest write approved=[digest])"
+        )
+    out: dict[str, None] = {}
+    problems = []
+    for digest in approved:
+        text = digest.strip().lower() if isinstance(digest, str) else None
+        if text is None or not _SHA256_HEX.fullmatch(text):
+            problems.append(f"{digest!r} is not a SHA-256 digest (64 hex digits)")
+        else:
+            out.setdefault(text, None)
+    if problems:
+        raise TrustPolicyError("Trust(approved=...): " + "; ".join(problems))
+    return tuple(out)
+
+
+def _modules(modules: Any, *, allow_stdlib: bool = False) -> tuple[str, ...]:
     """Validate ``Trust(modules=...)``; drop duplicates, keep order."""
     if isinstance(modules, str | bytes) or not isinstance(modules, Iterable):
         raise TrustPolicyError(
@@ -324,10 +418,17 @@ def _modules(modules: Any) -> tuple[str, ...]:
             problems.append(f"{name!r} is not a module name ({type(name).__name__})")
             continue
         problem = _module_problem(name)
-        if problem is None and name.split(".")[0] in REFUSED_MODULE_ROOTS:
+        root = name.split(".")[0]
+        if problem is None and root in REFUSED_MODULE_ROOTS:
             problem = (
                 "is refused: its functions run commands or code by design, so allowing it "
                 "would let an archive run anything"
+            )
+        elif problem is None and root in STDLIB_MODULES and not allow_stdlib:
+            problem = (
+                "is a standard-library module: refused unless allow_stdlib=True (several "
+                "standard functions start processes or run code; an archive would choose "
+                "which to call, with which arguments)"
             )
         if problem is not None:
             problems.append(f"{name!r} {problem}")

@@ -1036,3 +1036,77 @@ def _mismatch_message(
     for name, want, got in bad:
         lines.append(f"  {name!r}: expected {want}, got {got or ''}")
     return "\n".join(lines)
+
+
+def stream_tensors(
+    read_into: Callable[[memoryview], int],
+    entries: Sequence[TensorEntry],
+    expected: Mapping[str, str] | None,
+    *,
+    keep: bool,
+    algorithm: str = DEFAULT_DIGEST,
+    member: str = MEMBER,
+    progress: Callable[[int], None] | None = None,
+) -> dict[str, np.ndarray] | None:
+    """Read tensor data that arrives in order (a decompressing stream), hashing as it comes.
+
+    ``entries`` must be sorted by offset and tile the data (as :func:`parse_header` returns
+    them), so the stream is read once, front to back. With ``keep`` each tensor is read into
+    a fresh 64-byte-aligned buffer; without, through one scratch buffer of at most 1 MiB, so
+    checking a compressed member needs no memory proportional to its size.
+
+    Args:
+        read_into: fills a writable byte view completely (e.g.
+            :meth:`~hkstore.store._zstd.BoundedReader.readinto`).
+        entries: the tensors, in data order.
+        expected: hex digest per tensor name, or ``None`` to skip digest checks.
+        keep: return the arrays (else return ``None``).
+        algorithm: the digests' algorithm (from the manifest).
+        member: names the member in error messages.
+        progress: called with each tensor's byte count once it is read.
+
+    Returns:
+        Arrays by name in data order when ``keep``, else ``None``.
+
+    Raises:
+        DigestMismatchError: one or more tensors do not match (all are named).
+        WeightsFormatError: a BOOL byte is neither 0 nor 1.
+        ValueError: ``algorithm`` is not in the digest table.
+    """
+    check_algorithm(algorithm)
+    out: dict[str, np.ndarray] = {}
+    bad: list[tuple[str, str, str]] = []
+    bad_bools: list[str] = []
+    largest = max((e.nbytes for e in entries), default=0)
+    scratch = None if keep else np.empty(min(largest, _READ_CHUNK), dtype=np.uint8)
+    for entry in entries:
+        hasher = new_hasher(algorithm) if expected is not None else None
+        raw = aligned_empty(entry.nbytes) if keep else None
+        high = 0
+        for start in range(0, entry.nbytes, _READ_CHUNK):
+            n = min(_READ_CHUNK, entry.nbytes - start)
+            if raw is not None:
+                piece = raw[start : start + n]
+            else:
+                assert scratch is not None
+                piece = scratch[:n]
+            read_into(piece.data)
+            if hasher is not None:
+                hasher.update(piece.data)
+            if entry.dtype == "BOOL" and n:
+                high = max(high, int(piece.max()))
+        if high > 1:
+            bad_bools.append(f"tensor {entry.name!r}: BOOL byte {high} (only 0 and 1 are valid)")
+        if hasher is not None and expected is not None:
+            got = hasher.hexdigest()
+            if got != expected[entry.name]:
+                bad.append((entry.name, expected[entry.name], got))
+        if raw is not None:
+            out[entry.name] = raw.view(DTYPES[entry.dtype].dtype).reshape(entry.shape)
+        if progress is not None:
+            progress(entry.nbytes)
+    if bad:
+        raise DigestMismatchError(_mismatch_message(member, algorithm, bad))
+    if bad_bools:
+        _fail(member, "; ".join(bad_bools))
+    return out if keep else None

@@ -29,6 +29,7 @@ __all__ = [
     "BoundedReader",
     "CompressWriter",
     "Compressed",
+    "check_declared_size",
     "compress",
     "decompress_bounded",
     "stream_writer",
@@ -149,17 +150,27 @@ def stream_writer(
 # --- reading ------------------------------------------------------------------------------------
 
 
-def _frame_extent(frame: memoryview, what: str) -> int:
-    """Return the byte length of the first zstd frame, from its header and block headers.
+#: The largest block a v1 frame may hold (RFC 8878: Block_Maximum_Size, 128 KiB at most).
+_MAX_BLOCK = 128 << 10
 
-    Walking the 3-byte block headers costs one step per block (at most 128 KiB of output
-    each) and decompresses nothing.
+
+def _frame_extent(frame: memoryview, what: str, window: int) -> tuple[int, int]:
+    """Return the first zstd frame's byte length and the most content its blocks can hold.
+
+    Walking the 3-byte block headers costs one step per block and decompresses nothing. A raw
+    or RLE block holds exactly its size field; a compressed block at most the block maximum
+    (``min(window, 128 KiB)``); a larger size field is refused. So a frame that declares more
+    content than its blocks can produce is refused before a byte is decompressed: a small
+    frame cannot make a decoder allocate or produce much (at most 32768 times its size, the
+    ratio of a 4-byte RLE block of 128 KiB).
     """
     try:
         pos = zstandard.frame_header_size(frame)
     except zstandard.ZstdError as exc:
         raise ArchiveFormatError(f"{what}: malformed zstd frame header ({exc})") from None
     checksum = frame[4] & 0x04
+    block_max = min(window, _MAX_BLOCK)
+    capacity = 0
     while True:
         if pos + 3 > len(frame):
             raise ArchiveFormatError(f"{what}: zstd frame is truncated (block header at {pos})")
@@ -167,6 +178,12 @@ def _frame_extent(frame: memoryview, what: str) -> int:
         last, kind, size = header & 1, (header >> 1) & 3, header >> 3
         if kind == 3:
             raise ArchiveFormatError(f"{what}: zstd frame has a reserved block type at {pos}")
+        if size > block_max:
+            raise ArchiveFormatError(
+                f"{what}: zstd block at {pos} declares {size} bytes, more than the block "
+                f"maximum of {block_max} bytes"
+            )
+        capacity += block_max if kind == 2 else size
         pos += 3 + (1 if kind == 1 else size)  # RLE blocks carry one byte
         if last:
             break
@@ -175,19 +192,29 @@ def _frame_extent(frame: memoryview, what: str) -> int:
         raise ArchiveFormatError(
             f"{what}: zstd frame is truncated ({len(frame)} bytes, the frame needs {end})"
         )
-    return end
+    return end, capacity
 
 
-def _check_frame(
-    frame: memoryview, *, declared_size: int, cap: int, what: str, max_window: int
-) -> None:
-    """Every check that must pass before a byte is decompressed."""
+def check_declared_size(declared_size: int, *, cap: int, what: str) -> None:
+    """Refuse a declared decompressed size that is not a size or is over ``cap`` (5.2 step 1).
+
+    Raises:
+        ArchiveFormatError: not a non-negative int.
+        LimitExceededError: larger than ``cap``.
+    """
     if type(declared_size) is not int or declared_size < 0:
         raise ArchiveFormatError(f"{what}: declared size {declared_size!r} is not a size")
     if declared_size > cap:
         raise LimitExceededError(
             f"{what}: declared size {declared_size} bytes is more than the limit of {cap} bytes"
         )
+
+
+def _check_frame(
+    frame: memoryview, *, declared_size: int, cap: int, what: str, max_window: int
+) -> None:
+    """Every check that must pass before a byte is decompressed."""
+    check_declared_size(declared_size, cap=cap, what=what)
     if bytes(frame[:4]) != _MAGIC:
         raise ArchiveFormatError(f"{what}: not a zstd frame (magic bytes {bytes(frame[:4])!r})")
     try:
@@ -217,10 +244,19 @@ def _check_frame(
             f"{what}: zstd window of {params.window_size} bytes is more than the limit of "
             f"{max_window} bytes"
         )
-    end = _frame_extent(frame, what)
+    if not params.has_checksum:
+        raise ArchiveFormatError(
+            f"{what}: zstd frame has no content checksum; v1 frames must carry one"
+        )
+    end, capacity = _frame_extent(frame, what, params.window_size)
     if end != len(frame):
         raise ArchiveFormatError(
             f"{what}: {len(frame) - end} bytes of trailing data after the zstd frame"
+        )
+    if content_size > capacity:
+        raise ArchiveFormatError(
+            f"{what}: zstd frame declares {content_size} bytes of content, but its blocks can "
+            f"hold at most {capacity}"
         )
 
 
@@ -260,10 +296,6 @@ def decompress_bounded(
     if len(out) != declared_size:  # zstd checks this too; never trust one layer alone
         raise ArchiveFormatError(
             f"{what}: zstd frame decompressed to {len(out)} bytes; {declared_size} declared"
-        )
-    if not zstandard.get_frame_parameters(view).has_checksum:
-        raise ArchiveFormatError(
-            f"{what}: zstd frame has no content checksum; v1 frames must carry one"
         )
     return out
 
@@ -346,6 +378,11 @@ class BoundedReader:
                 )
         finally:
             self._reader.close()
+
+    def abandon(self) -> None:
+        """Release the frame without the end checks of :meth:`close` (after an error, or
+        when only a prefix was wanted)."""
+        self._reader.close()
 
     def _read_some(self, target: memoryview) -> int:
         try:
