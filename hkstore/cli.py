@@ -10,9 +10,10 @@ import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from hkstore._cli._common import emit, emit_report, load_signer, load_trust, note, open_input
+from hkstore._cli._escape import printable
 from hkstore._cli._status import ExitCode, UsageError, run_verb
 from hkstore._version import __version__
 
@@ -27,13 +28,24 @@ Check an archive the way a loader would, without loading it: the ZIP container
 (strict structure, limits), the manifest (canonical JSON, schema), the signature
 (with the keys given; required with --require-signature), the safetensors header
 against the manifest, every tensor's digest (BLAKE3, or SHA-256 in older archives),
-and the pickle member's digest and opcodes (never unpickled). Stops at the first failed
-check and names it. Reads and hashes on every core this process may use (--workers N).
+and the pickle member's digest and opcodes (never unpickled); with --functions or a
+code-policy option, also whether a loader with that policy would accept the archive's
+functions (nothing is imported or unpickled). Stops at the first failed check and names
+it. Reads and hashes on every core this process may use (--workers N).
 
 Given a checkpoint directory, check every round (or one: DIR/round-N, --round N)
 the way Checkpointer.restore() does: the round record (canonical JSON, schema,
 signature), the model archive (the manifest digest the record holds, then every
 check above) and the state (header and every tensor digest)."""
+
+_INSPECT = """\
+Show what an archive holds: members, tensors, trainable mask, data info, functions (and
+the globals a pickle would import, read from its opcodes, with the digest to approve it by),
+metadata and signature. The archive is checked exactly as `verify` checks it, and the exit
+status is the same verdict; with --headers-only the tensor data is not read.
+
+Given a checkpoint directory, list its rounds from their records (or one: DIR/round-N,
+--round N)."""
 
 _EXIT_CODES = """\
 exit status:
@@ -47,12 +59,11 @@ exit status:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    """Show what an archive holds, reading only its manifest and headers (or list a
+    """Show what an archive holds, with the same checks and verdict as ``verify`` (or list a
     checkpoint directory's rounds)."""
     from hkstore._cli._inspect import inspect_report, render_inspect
+    from hkstore._cli._verify import render_verify, run_checks
 
-    keys_given = bool(args.key or args.hmac_secret_file)
-    trust = load_trust(args.key, args.hmac_secret_file) if keys_given else None
     if _is_folder(args):
         from hkstore._cli._checkpoint import (
             inspect_checkpoint,
@@ -61,20 +72,36 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             resolve_target,
         )
 
-        listing = inspect_checkpoint(resolve_target(args.archive, args.round), trust)
+        keys_given = bool(args.key or args.hmac_secret_file)
+        listing = inspect_checkpoint(resolve_target(args.archive, args.round),
+                                     _trust(args) if keys_given else None)
         emit_report(listing, render_inspect_checkpoint, as_json=args.json)
         return inspect_exit_code(listing)
-    with open_input(args.archive) as archive:
-        report = inspect_report(archive, args.archive, trust)
-    emit_report(report, render_inspect, as_json=args.json)
-    return ExitCode.CHECK_FAILED if report["signature"]["state"] == "failed" else ExitCode.OK
+    trust = _trust(args)
+    reports: list[dict[str, Any]] = []
+    outcome = run_checks(
+        lambda: open_input(args.archive, workers=args.workers), args.archive, trust,
+        functions=_code_check(args),
+        digests=not args.headers_only,
+        report=lambda archive, done: reports.append(
+            inspect_report(archive, args.archive, trust, done)
+        ),
+    )  # fmt: skip
+    if reports:
+        emit_report(reports[0], render_inspect, as_json=args.json)
+    else:  # not even a container and manifest to show: the verify report says why
+        emit_report(outcome.report(), render_verify, as_json=args.json)
+    if outcome.failed is not None:
+        note(f"inspect: {args.archive}: the {outcome.failed['check']} check failed: "
+             f"{outcome.failed['message']}")
+    return outcome.exit_code
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
     """Run every check; exit 0 when all pass, 1 naming the check that failed."""
     from hkstore._cli._verify import render_verify, run_checks
 
-    trust = load_trust(args.key, args.hmac_secret_file, require_signature=args.require_signature)
+    trust = _trust(args)
     if _is_folder(args):
         from hkstore._cli._checkpoint import (
             render_verify_checkpoint,
@@ -90,9 +117,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
                 note(f"verify: {args.archive}: round {r['round']}: the {r['failed']['check']} "
                      "check failed")
         return code
-    outcome = run_checks(
-        lambda: open_input(args.archive, workers=args.workers), args.archive, trust
-    )
+    outcome = run_checks(lambda: open_input(args.archive, workers=args.workers), args.archive,
+                         trust, functions=_code_check(args))
     report = outcome.report()
     emit_report(report, render_verify, as_json=args.json)
     if outcome.failed is not None:
@@ -105,10 +131,26 @@ def _is_folder(args: argparse.Namespace) -> bool:
     from hkstore._cli._checkpoint import is_checkpoint_path
 
     if is_checkpoint_path(args.archive):
+        if _code_check(args) or args.allow_stdlib:
+            raise UsageError(f"{args.archive}: --functions, --approve, --allow-module, "
+                             "--allow-stdlib and --allow-pickle "
+                             "apply to an archive, not a checkpoint directory")
         return True
     if args.round is not None:
         raise UsageError(f"--round: {args.archive} is not a checkpoint directory")
     return False
+
+
+def _trust(args: argparse.Namespace) -> Any:
+    return load_trust(
+        args.key, args.hmac_secret_file, require_signature=args.require_signature,
+        approved=args.approve, modules=args.allow_module, allow_stdlib=args.allow_stdlib,
+        allow_pickle=args.allow_pickle,
+    )  # fmt: skip
+
+
+def _code_check(args: argparse.Namespace) -> bool:
+    return bool(args.functions or args.approve or args.allow_module or args.allow_pickle)
 
 
 def cmd_keygen(args: argparse.Namespace) -> int:
@@ -198,6 +240,27 @@ def _add_workers(p: argparse.ArgumentParser) -> None:
                    help="threads that read and hash (default: every core this process may use)")
 
 
+def _add_trust(p: argparse.ArgumentParser) -> None:
+    """The options of ``verify`` and ``inspect``: keys, and the policy whose verdict to give."""
+    _add_keys(p)
+    p.add_argument("--require-signature", action="store_true",
+                   help="fail unless signed by one of the given keys")
+    code = p.add_argument_group(
+        "code policy", "report whether a loader with this policy would accept the archive's "
+        "functions (the 'code' check); nothing is ever imported or unpickled here")
+    code.add_argument("--functions", action="store_true",
+                      help="run the code check (implied by the options below)")
+    code.add_argument("--approve", action="append", default=[], metavar="SHA256",
+                      help="accept the pickle member with this digest, signed or not "
+                           "(Trust(approved=...)); `inspect` prints the digest; repeatable")
+    code.add_argument("--allow-module", action="append", default=[], metavar="MODULE",
+                      help="references may import this module (Trust(modules=...)); repeatable")
+    code.add_argument("--allow-stdlib", action="store_true",
+                      help="let --allow-module name standard-library modules")
+    code.add_argument("--allow-pickle", action="store_true",
+                      help="accept a pickle signed by one of the given keys")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``hkstore`` argument parser (one sub-command per verb)."""
     parser = _Parser(prog="hkstore", description=_DESCRIPTION, epilog=_EXIT_CODES,
@@ -213,24 +276,26 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
         return p
 
-    p = verb("inspect", cmd_inspect, "show an archive's contents from its headers only, or "
-             "list a checkpoint directory's rounds")
+    p = verb("inspect", cmd_inspect, "show an archive's contents, checked as verify checks it, "
+             "or list a checkpoint directory's rounds", _INSPECT)
     p.add_argument("archive", metavar="ARCHIVE|DIR",
                    help="an archive, a checkpoint directory, or one round's folder DIR/round-N")
     p.add_argument("--round", type=_round_number, metavar="N",
                    help="with a checkpoint directory: only round N")
     p.add_argument("--json", action="store_true",
                    help="print hkstore-inspect (or hkstore-inspect-checkpoint) v1 JSON")
-    _add_keys(p)
+    p.add_argument("--headers-only", action="store_true",
+                   help="do not read tensor data: the weights and digests checks are not run "
+                        "(fast on huge archives; then the verdict does not cover the tensors)")
+    _add_trust(p)
+    _add_workers(p)
     p = verb("verify", cmd_verify, "check structure, schema, limits, every digest, signature",
              _VERIFY)
     p.add_argument("archive", metavar="ARCHIVE|DIR",
                    help="an archive, a checkpoint directory (every round), or DIR/round-N")
     p.add_argument("--round", type=_round_number, metavar="N",
                    help="with a checkpoint directory: only round N")
-    _add_keys(p)
-    p.add_argument("--require-signature", action="store_true",
-                   help="fail unless signed by one of the given keys")
+    _add_trust(p)
     p.add_argument("--json", action="store_true",
                    help="print hkstore-verify (or hkstore-verify-checkpoint) v1 JSON")
     _add_workers(p)
@@ -273,7 +338,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = parser.parse_args(arguments)
     except UsageError as exc:
-        sys.stderr.write(f"{exc}\n")
+        sys.stderr.write(printable(f"{exc}") + "\n")
         return ExitCode.USAGE
     except SystemExit as exc:  # --help and --version print and exit 0
         return int(exc.code or 0) if not isinstance(exc.code, str) else ExitCode.USAGE

@@ -562,7 +562,7 @@ def test_verify_rejects_huge_header_length_prefix(open_from: Opener) -> None:
     header = {"a": {**_F32x2, "data_offsets": [0, 8]}}
     hostile = with_weights_member(data, hand_weights(header, bytes(8), length=2**62))
     with refused(LimitExceededError, exactly(
-        f"{WEIGHTS}: header length {2**62} bytes exceeds the limit of 104857600 "
+        f"{WEIGHTS}: header length {2**62} bytes exceeds the limit of {32 << 20} "
         "(Limits.max_header_bytes)"
     )):
         verify(open_from, hostile)

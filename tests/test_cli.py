@@ -160,10 +160,19 @@ def test_element_bytes_agrees_with_the_dtype_table() -> None:
         assert element_bytes(code) == row.itemsize, code
 
 
-def test_inspect_reads_no_tensor_data(archive: Path) -> None:
+def test_inspect_gives_verifys_verdict_unless_told_to_read_headers_only(archive: Path) -> None:
     flip_tensor_byte(archive, default_tensors()["mlp/~/linear_0:w"])
-    assert cli("inspect", archive).returncode == 0  # digests are not checked: not read
-    assert cli("verify", archive).returncode == 1
+    inspected = cli("inspect", archive, "--json")
+    assert inspected.returncode == cli("verify", archive).returncode == 1
+    verdict = validated(inspected, "cli-inspect.v1.json")["verdict"]
+    assert (verdict["ok"], verdict["failed"]["check"]) == (False, "digests")
+    assert "FAILED (digests)" in cli("inspect", archive).stdout
+    # --headers-only reads no tensor data, and says the digests were not checked
+    fast = cli("inspect", archive, "--headers-only", "--json")
+    assert fast.returncode == 0
+    checks = {c["name"]: c["status"] for c in validated(fast, "cli-inspect.v1.json")["verdict"]
+              ["checks"]}  # fmt: skip
+    assert (checks["weights"], checks["digests"]) == ("not run", "not run")
 
 
 def test_inspect_lists_pickle_globals_without_running_them(tmp_path: Path) -> None:
@@ -580,12 +589,12 @@ def test_verbs_import_neither_jax_nor_the_model_layer(archive: Path, tmp_path: P
     assert result.stdout.strip().splitlines()[-1] == "[0, 0, 0] []"
 
 
-def test_inspect_starts_without_numpy(archive: Path) -> None:
-    """``inspect`` reads headers only, so it must not pay numpy's import (start-up time)."""
+def test_inspect_headers_only_starts_without_numpy(archive: Path) -> None:
+    """``inspect --headers-only`` reads no tensor data, so it must not pay numpy's import."""
     program = (
         "import sys\n"
         "from hkstore.cli import main\n"
-        f"code = main(['inspect', {str(archive)!r}, '--json'])\n"
+        f"code = main(['inspect', {str(archive)!r}, '--json', '--headers-only'])\n"
         "print(code, sorted(m for m in ('numpy', 'jax', 'cloudpickle') if m in sys.modules))\n"
     )
     result = run_python(program)

@@ -625,7 +625,7 @@ def test_load_rejects_huge_header_length_prefix(entry: Entry) -> None:
     data = archive_bytes(make_content({"a": np.zeros(2, np.float32)}))
     header = {"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}
     with refused(LimitExceededError, exactly(
-        f"{WEIGHTS}: header length {2**62} bytes exceeds the limit of 104857600 "
+        f"{WEIGHTS}: header length {2**62} bytes exceeds the limit of {32 << 20} "
         "(Limits.max_header_bytes)"
     )):
         entry(with_weights_member(data, hand_weights(header, bytes(8), length=2**62)), **GIVEN)

@@ -577,7 +577,7 @@ def test_limits_apply_before_allocating(tmp_path: Path) -> None:
     with pytest.raises(LimitExceededError) as info:
         parse_header(huge)
     assert str(info.value) == (
-        f"{M}: header length {2**63} bytes exceeds the limit of {100 * 2**20} "
+        f"{M}: header length {2**63} bytes exceeds the limit of {32 * 2**20} "
         "(Limits.max_header_bytes)"
     )
     path = tmp_path / "huge.safetensors"

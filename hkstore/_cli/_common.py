@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, TextIO
 
+from hkstore._cli._escape import printable
 from hkstore._cli._status import UsageError
 
 if TYPE_CHECKING:
@@ -24,6 +25,8 @@ __all__ = [
     "load_trust",
     "note",
     "open_input",
+    "printable",
+    "write_stderr",
 ]
 
 _ZIP_LOCAL_MAGIC = b"PK\x03\x04"
@@ -34,7 +37,8 @@ PROGRESS_MIN_BYTES = 1 << 30
 def open_input(path: str, *, workers: int | None = None) -> Archive:
     """Open an archive named on the command line (container and manifest checked).
 
-    A path that does not exist, cannot be read, or is not a ZIP file at all (it does not
+    A path that does not exist, cannot be read, is not a regular file (a folder, a FIFO, a
+    device: refused at once, without blocking) or is not a ZIP file at all (it does not
     start with the ZIP local-file signature) is a :class:`UsageError` (exit 2): there is no
     archive to judge. Anything wrong past that point is the archive failing a check (exit 1).
 
@@ -43,17 +47,23 @@ def open_input(path: str, *, workers: int | None = None) -> Archive:
         ContainerError, ManifestError, LimitExceededError, UnsupportedVersionError: from
             :func:`hkstore.store.open_archive`.
     """
-    from hkstore.store import open_archive
+    from hkstore.errors import ContainerError
+    from hkstore.store import open_archive, open_regular
 
     try:
-        with open(path, "rb") as handle:
-            magic = handle.read(len(_ZIP_LOCAL_MAGIC))
+        fd = open_regular(path)
     except FileNotFoundError:
         raise UsageError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise UsageError(f"{path}: is a folder, not an archive") from None
+    except ContainerError as exc:  # a folder, FIFO, device or socket
+        raise UsageError(str(exc)) from None
     except OSError as exc:
         raise UsageError(f"{path}: cannot read: {exc.strerror}") from None
+    try:
+        magic = os.pread(fd, len(_ZIP_LOCAL_MAGIC), 0)
+    except OSError as exc:
+        raise UsageError(f"{path}: cannot read: {exc.strerror}") from None
+    finally:
+        os.close(fd)
     if magic != _ZIP_LOCAL_MAGIC:
         what = "an empty file" if not magic else "not a ZIP file"
         raise UsageError(f"{path}: not an hkstore archive ({what})")
@@ -65,13 +75,23 @@ def load_trust(
     hmac_secret_files: Sequence[str] = (),
     *,
     require_signature: bool = False,
+    approved: Sequence[str] = (),
+    modules: Sequence[str] = (),
+    allow_stdlib: bool = False,
+    allow_pickle: bool = False,
 ) -> Trust:
-    """Build the verifying :class:`~hkstore.store.Trust` from ``--key`` options.
+    """Build the :class:`~hkstore.store.Trust` described by the command line's options.
+
+    ``--key``/``--hmac-secret-file`` give the keys, ``--require-signature`` requires one of
+    them; ``--approve``, ``--allow-module``, ``--allow-stdlib`` and ``--allow-pickle`` describe
+    the code policy whose verdict ``--functions`` reports (the command itself never imports
+    or unpickles anything).
 
     Raises:
-        UsageError: a key file is missing, unreadable or not a key (the message names it), or
-            ``require_signature`` without any key.
+        UsageError: a key file is missing, unreadable or not a key (the message names it),
+            ``require_signature`` without any key, or options that ``Trust`` refuses.
     """
+    from hkstore.errors import TrustPolicyError
     from hkstore.store import Trust, load_hmac_key, load_verifier
 
     verifiers: list[Any] = [_key_file("--key", path, load_verifier) for path in keys]
@@ -79,7 +99,11 @@ def load_trust(
     if require_signature and not verifiers:
         raise UsageError("--require-signature needs the keys to check with: --key FILE or "
                          "--hmac-secret-file FILE")
-    return Trust(keys=verifiers, require_signature=require_signature)
+    try:
+        return Trust(keys=verifiers, require_signature=require_signature, approved=approved,
+                     modules=modules, allow_stdlib=allow_stdlib, allow_pickle=allow_pickle)
+    except TrustPolicyError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def load_signer(*, key: str | None, hmac_secret_file: str | None) -> Signer:
@@ -123,8 +147,9 @@ def emit(text: str) -> None:
 
 
 def emit_json(document: Any) -> None:
-    """Write a JSON document to stdout (UTF-8, indented, keys in the order built)."""
-    _write(sys.stdout, json.dumps(document, indent=2, ensure_ascii=False, allow_nan=False) + "\n")
+    """Write a JSON document to stdout (indented, keys in the order built, ASCII only: every
+    character outside ASCII, control characters included, is a ``\\u`` escape)."""
+    _write(sys.stdout, json.dumps(document, indent=2, ensure_ascii=True, allow_nan=False) + "\n")
 
 
 def emit_report(report: Any, render: Callable[[Any], str], *, as_json: bool) -> None:
@@ -140,7 +165,15 @@ def note(text: str) -> None:
     _write(sys.stderr, f"hkstore: {text}\n")
 
 
+def write_stderr(text: str) -> None:
+    """Write ``text`` to stderr as is, but escaped (:func:`printable`)."""
+    _write(sys.stderr, text)
+
+
 def _write(stream: TextIO, text: str) -> None:
+    """Write ``text`` (escaped by :func:`printable`: this is the only way the command writes
+    to its output streams)."""
+    text = printable(text)
     try:
         stream.write(text)
         stream.flush()

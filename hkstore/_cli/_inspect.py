@@ -1,8 +1,11 @@
-"""``hkstore inspect``: what an archive holds, from its manifest and headers only.
+"""``hkstore inspect``: what an archive holds, checked exactly as ``verify`` checks it.
 
-No tensor data is read: sizes come from dtypes and shapes, so a multi-GB archive is inspected
-in milliseconds. The function pickle, when there is one, is decompressed (bounded) and its
-opcodes walked to list the globals it would import; it is never unpickled.
+Sizes come from dtypes and shapes. The archive goes through the same checks as ``verify``
+(:func:`~hkstore._cli._verify.run_checks`), and the report carries that verdict, so the two
+verbs never disagree about an archive; ``--headers-only`` skips reading the tensor data (and
+says so). The function pickle, when there is one, is decompressed (bounded) and its opcodes
+walked to list the globals it would import; it is never unpickled. Its SHA-256 is shown: the
+digest a receiver who reviewed the blob approves it by (``--approve``, ``Trust(approved=)``).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from hkstore._cli._status import check_name
 from hkstore.errors import HkstoreError
 
 if TYPE_CHECKING:
+    from hkstore._cli._verify import VerifyOutcome
     from hkstore.store import Archive, FunctionSpec, Trust
 
 __all__ = [
@@ -31,19 +35,22 @@ REPORT_FORMAT = "hkstore-inspect"
 REPORT_VERSION = 1
 
 
-def inspect_report(archive: Archive, path: str, trust: Trust | None = None) -> dict[str, Any]:
+def inspect_report(
+    archive: Archive, path: str, trust: Trust | None = None, outcome: VerifyOutcome | None = None
+) -> dict[str, Any]:
     """Build the ``hkstore-inspect`` v1 document (``schemas/cli-inspect.v1.json``).
 
+    Never raises for a damaged archive: what cannot be read is reported as such, and
+    ``verdict`` carries the outcome of the checks.
+
     Args:
-        archive: the open archive.
+        archive: the open archive (container and manifest checked).
         path: the archive's path as given on the command line.
         trust: keys to verify the signature with; ``None`` reports it unverified.
+        outcome: the checks' outcome (:func:`~hkstore._cli._verify.run_checks`).
 
     Returns:
         The report (JSON-safe).
-
-    Raises:
-        DigestMismatchError, ArchiveFormatError: the function pickle is damaged.
     """
     m = archive.manifest
     trainable = set(m.trainable)
@@ -83,7 +90,14 @@ def inspect_report(archive: Archive, path: str, trust: Trust | None = None) -> d
         "pickle": _pickle(archive),
         "metadata": dict(m.metadata),
         "signature": signature_state(archive, trust),
+        "verdict": _verdict(outcome),
     }
+
+
+def _verdict(outcome: VerifyOutcome | None) -> dict[str, Any]:
+    if outcome is None:
+        return {"ok": None, "checks": [], "failed": None}
+    return {"ok": outcome.failed is None, "checks": outcome.checks, "failed": outcome.failed}
 
 
 def element_bytes(code: str) -> int:
@@ -109,15 +123,25 @@ def _pickle(archive: Archive) -> dict[str, Any] | None:
     record = archive.manifest.pickle
     if record is None:
         return None
-    return {
+    try:
+        found: list[str] | None = archive.check_pickle()
+        error = None
+    except HkstoreError as exc:
+        found, error = None, str(exc)
+    out: dict[str, Any] = {
         "member": record.member,
         "size": record.size,
         "raw_size": record.raw_size,
+        "sha256": record.sha256,
+        "checked": error is None,
         "python": record.python,
         "python_implementation": record.python_implementation,
         "cloudpickle": record.cloudpickle,
-        "globals": archive.pickle_globals(),
+        "globals": found,
     }
+    if error is not None:
+        out["error"] = error
+    return out
 
 
 def signature_state(archive: Archive, trust: Trust | None) -> dict[str, Any]:
@@ -173,7 +197,19 @@ def render_inspect(report: dict[str, Any]) -> str:
     lines.extend(_describe_pickle(report["pickle"]))
     lines.append(f"metadata   {_compact(report['metadata'])}")
     lines.append(f"signature  {_describe_signature(report['signature'])}")
+    lines.append(f"verdict    {_describe_verdict(report['verdict'])}")
     return "\n".join(lines)
+
+
+def _describe_verdict(verdict: dict[str, Any]) -> str:
+    if verdict["ok"] is None:
+        return "not checked"
+    skipped = [c["name"] for c in verdict["checks"] if c["status"] == "not run"]
+    if verdict["ok"]:
+        text = "OK: every check passed"
+        return text + (f" (not run: {', '.join(skipped)})" if skipped else "")
+    failed = verdict["failed"]
+    return f"FAILED ({failed['check']}): {failed['message']}"
 
 
 def _table(tensors: list[dict[str, Any]], totals: dict[str, Any]) -> list[str]:
@@ -211,9 +247,15 @@ def _describe_pickle(pickle: dict[str, Any] | None) -> list[str]:
         f"pickle     {pickle['member']}, {human_bytes(pickle['size'])} "
         f"({human_bytes(pickle['raw_size'])} raw), written by python {pickle['python']} "
         f"({pickle['python_implementation']}), cloudpickle {pickle['cloudpickle']}",
-        f"           would import {len(pickle['globals'])} global(s) "
-        "(read from the opcodes, not executed):",
+        f"           sha256 {pickle['sha256']}"
+        + (" (approve a reviewed blob with --approve / Trust(approved=[...]))"
+           if pickle["checked"] else " (NOT checked: see the verdict)"),
     ]
+    if pickle["globals"] is None:
+        lines.append(f"           cannot list its globals: {pickle['error']}")
+        return lines
+    lines.append(f"           would import {len(pickle['globals'])} global(s) "
+                 "(read from the opcodes, not executed):")
     lines.extend(f"             {name}" for name in pickle["globals"])
     return lines
 

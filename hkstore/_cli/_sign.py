@@ -38,7 +38,11 @@ def sign_archive(
     mode = stat.S_IMODE(os.stat(source).st_mode) if os.path.exists(source) else 0o644
 
     def write(archive: Archive) -> None:
-        with atomic_write(dest, mode=mode) as handle:
-            archive.copy_with_signature(handle, signer)
+        try:
+            with atomic_write(dest, mode=mode) as handle:
+                archive.copy_with_signature(handle, signer)
+        except OSError as exc:  # a full disk, a file size limit, a read-only folder...
+            raise OSError(exc.errno, f"cannot write the signed archive: {exc.strerror or exc}",
+                          dest) from exc
 
     return run_checks(lambda: open_input(source, workers=workers), source, Trust(), then=write)

@@ -7,6 +7,7 @@ import sys
 import traceback
 from collections.abc import Callable
 
+from hkstore._cli._escape import printable
 from hkstore.errors import (
     ContainerError,
     DeclearnFormatError,
@@ -107,8 +108,8 @@ def run_verb(verb: str, call: Callable[[], int], *, debug: bool = False) -> int:
     except (Exception, KeyboardInterrupt) as exc:
         code = exit_code_for(exc)
         if debug or code is ExitCode.INTERNAL:
-            traceback.print_exc(file=sys.stderr)
-        sys.stderr.write(f"hkstore: {verb}: {_describe(exc, code)}\n")
+            sys.stderr.write(printable(traceback.format_exc()))
+        sys.stderr.write(printable(f"hkstore: {verb}: {_describe(exc, code)}") + "\n")
         return code
 
 

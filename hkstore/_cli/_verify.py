@@ -6,7 +6,11 @@ caller's keys; required with ``--require-signature``), ``weights`` (the safetens
 digest and its agreement with the manifest), ``digests`` (every tensor's digest with the
 manifest's algorithm, read through a small buffer per thread, so memory stays bounded),
 ``functions`` (the pickle's digest, bounded decompression and a well-formed opcode stream;
-never unpickled).
+never unpickled), and, when asked (``--functions`` or a code option), ``code``: whether the
+trust policy the options describe would accept the archive's functions, with every check the
+loader runs before it imports or unpickles (nothing is imported or unpickled). The same checks
+in the same order as :meth:`hkstore.store.Archive.verify` and :func:`hkstore.load`: one
+verdict.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ __all__ = ["REPORT_FORMAT", "REPORT_VERSION", "VerifyOutcome", "render_verify", 
 
 REPORT_FORMAT = "hkstore-verify"
 REPORT_VERSION = 1
-CHECKS = ("container", "manifest", "signature", "weights", "digests", "functions")
+CHECKS = ("container", "manifest", "signature", "weights", "digests", "functions", "code")
 
 
 @dataclass
@@ -41,6 +45,7 @@ class VerifyOutcome:
     tensors: int = 0
     bytes: int = 0
     exit_code: ExitCode = ExitCode.OK
+    step: str = ""  # the check being run, named when a generic error fails it
 
     def passed(self, name: str, detail: str) -> None:
         """Record a check that passed."""
@@ -49,6 +54,8 @@ class VerifyOutcome:
     def fail(self, exc: HkstoreError) -> None:
         """Record the failed check (named after the error), and mark the rest not run."""
         name = check_name(exc)
+        if name == "archive" and self.step:  # a generic format error: name its step
+            name = self.step
         self.failed = {"check": name, "error": type(exc).__name__, "message": str(exc)}
         self.checks.append({"name": name, "status": "failed", "detail": str(exc)})
         done = {c["name"] for c in self.checks}
@@ -77,15 +84,23 @@ def run_checks(
     path: str,
     trust: Trust,
     *,
+    functions: bool = False,
+    digests: bool = True,
     then: Callable[[Archive], None] | None = None,
+    report: Callable[[Archive, VerifyOutcome], None] | None = None,
 ) -> VerifyOutcome:
     """Run every check on the archive, stopping at the first that fails.
 
     Args:
         open_archive: opens the archive (its errors count as failed container/manifest checks).
         path: the archive's path, for the report.
-        trust: the caller's keys and ``require_signature``.
+        trust: the caller's keys, ``require_signature`` and code policy.
+        functions: also run the ``code`` check (see the module docstring).
+        digests: check the weights header and every tensor digest (``False``: those two
+            checks are reported "not run", as ``inspect --headers-only`` asks).
         then: called with the still-open archive when every check passed (``sign`` copies it).
+        report: called with the still-open archive and the outcome once the checks ran,
+            passed or not (``inspect`` builds its report), when the archive opened.
 
     Returns:
         The :class:`VerifyOutcome` (``exit_code`` 0, 1 or 2).
@@ -101,16 +116,19 @@ def run_checks(
         return outcome
     with archive:
         try:
-            _steps(archive, trust, outcome)
+            _steps(archive, trust, outcome, functions=functions, digests=digests)
         except HkstoreError as exc:
             outcome.fail(exc)
-            return outcome
-        if then is not None:
+        if report is not None:
+            report(archive, outcome)
+        if then is not None and outcome.failed is None:
             then(archive)
     return outcome
 
 
-def _steps(archive: Archive, trust: Trust, outcome: VerifyOutcome) -> None:
+def _steps(
+    archive: Archive, trust: Trust, outcome: VerifyOutcome, *, functions: bool, digests: bool
+) -> None:
     m = archive.manifest
     outcome.passed("container", f"{len(archive.members)} members: {', '.join(archive.members)}")
     outcome.passed("manifest", f"format {m.format_version}, canonical, schema valid")
@@ -124,19 +142,30 @@ def _steps(archive: Archive, trust: Trust, outcome: VerifyOutcome) -> None:
     else:
         outcome.passed("signature", "unsigned" if key_id is None else
                        f"signed by {key_id}; not verified (no --key given)")
-    entries = archive.tensor_entries()  # header digest + cross-check against the manifest
-    total = sum(e.nbytes for e in entries.values())
-    outcome.passed("weights", f"{m.weights.member}: header matches the manifest")
-    outcome.bytes = _check_digests(archive, total)
-    outcome.tensors = len(m.tensors)
-    outcome.passed("digests", f"{outcome.tensors} tensors, {human_bytes(total)}, "
-                   f"{m.digest_algorithm} match")
+    if digests:
+        entries = archive.tensor_entries()  # header digest + cross-check against the manifest
+        total = sum(e.nbytes for e in entries.values())
+        outcome.passed("weights", f"{m.weights.member}: header matches the manifest")
+        outcome.bytes = _check_digests(archive, total)
+        outcome.tensors = len(m.tensors)
+        outcome.passed("digests", f"{outcome.tensors} tensors, {human_bytes(total)}, "
+                       f"{m.digest_algorithm} match")
+    else:
+        for name in ("weights", "digests"):
+            outcome.checks.append({"name": name, "status": "not run",
+                                   "detail": "--headers-only: tensor data not read"})
+    outcome.step = "functions"
     if m.pickle is None:
         outcome.passed("functions", "no pickle member")
     else:
-        count = len(archive.pickle_globals())
-        outcome.passed("functions", f"{m.pickle.member}: sha256 matches, {count} global(s); "
-                       "not unpickled")
+        count = len(archive.check_pickle())
+        outcome.passed("functions", f"{m.pickle.member}: sha256 {m.pickle.sha256} matches, "
+                       f"{count} global(s); not unpickled")
+    if functions:
+        outcome.step = "code"
+        archive.check_functions(trust)
+        outcome.passed("code", "the trust policy accepts the archive's functions "
+                       "(checked without importing or unpickling anything)")
 
 
 def _check_digests(archive: Archive, total: int) -> int:

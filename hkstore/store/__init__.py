@@ -57,6 +57,7 @@ if TYPE_CHECKING:
     from hkstore.store._config import parse_config as parse_config
     from hkstore.store._dtypes import code_for_dtype as code_for_dtype
     from hkstore.store._dtypes import dtype_for_code as dtype_for_code
+    from hkstore.store._fileio import open_regular as open_regular
     from hkstore.store._functions import FUNCTION_KINDS as FUNCTION_KINDS
     from hkstore.store._functions import ROLES as ROLES
     from hkstore.store._functions import FunctionKind as FunctionKind
@@ -143,6 +144,7 @@ _INTERNAL: dict[str, str] = {
     "config_with_text_blob": "_config",
     "parse_config": "_config",
     "code_for_dtype": "_dtypes",
+    "open_regular": "_fileio",
     "dtype_for_code": "_dtypes",
     "FUNCTION_KINDS": "_functions",
     "ROLES": "_functions",

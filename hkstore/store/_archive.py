@@ -673,7 +673,7 @@ class Archive:
                 max_window=self.limits.max_zstd_window_bytes,
             )
             try:
-                found = pickle_globals(raw)
+                found = pickle_globals(raw, max_ops=self.limits.max_pickle_ops)
             except ArchiveFormatError as exc:
                 raise type(exc)(f"{FUNCTIONS}: {exc}") from None
             self._pickle = (frame, found)

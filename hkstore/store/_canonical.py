@@ -15,6 +15,7 @@ Example:
 from __future__ import annotations
 
 import codecs
+import itertools
 import json
 import math
 import sys
@@ -24,8 +25,11 @@ from typing import Any
 from hkstore.errors import HkstoreError, LimitExceededError, ManifestError
 
 __all__ = [
+    "DEFAULT_MAX_VALUES",
     "MAX_DEPTH",
     "canonical_json",
+    "count_values_bound",
+    "encode_parsed",
     "is_canonical",
     "json_path",
     "json_safe",
@@ -137,6 +141,10 @@ def _article(noun: str) -> str:
 
 # --- reading ----------------------------------------------------------------------------------
 
+#: Default cap on the JSON values of one untrusted document (see :func:`count_values_bound`);
+#: ``Limits.max_json_values`` has the same default.
+DEFAULT_MAX_VALUES = 2_000_000
+
 
 class _Pairs(list[tuple[str, Any]]):
     """An object's (key, value) pairs as parsed, before duplicate keys are checked."""
@@ -149,9 +157,72 @@ class _Refused:
         self.literal = literal
 
 
+class _Reject(Exception):
+    """Raised by a parse hook: the fast parse stops and the slow one says where and why."""
+
+
 def _parse_float(literal: str) -> float | _Refused:
     value = float(literal)
     return value if math.isfinite(value) else _Refused(literal)
+
+
+def _fast_float(literal: str) -> float:
+    value = float(literal)
+    if not math.isfinite(value):
+        raise _Reject
+    return value
+
+
+def _fast_constant(literal: str) -> Any:
+    raise _Reject
+
+
+def _fast_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        raise _Reject
+    return out
+
+
+def count_values_bound(raw: bytes) -> int:
+    """An upper bound on the number of JSON values in ``raw``, counted without parsing.
+
+    Every value of a JSON document but the first is preceded by a ``,`` or opens a container
+    (``[`` or ``{``) inside which the first value sits, so the count of those three bytes
+    plus one bounds the values (bytes inside strings only make the bound looser). Three C-speed
+    ``bytes.count`` passes: the parser's memory (about 50 to 200 bytes per value on top of the
+    text) is bounded before a single object is built.
+
+    Example:
+        >>> count_values_bound(b'{"a":[1,2],"b":{}}')
+        6
+    """
+    return raw.count(b",") + raw.count(b"[") + raw.count(b"{") + 1
+
+
+_BRACKETS = bytes(range(256)).translate(None, b"[]{}")  # every byte but the four brackets
+_DELTA = {ord("["): 1, ord("{"): 1, ord("]"): -1, ord("}"): -1}
+
+
+def _too_deep(raw: bytes, parsed: Any) -> bool:
+    """Tell whether a *valid* JSON text nests deeper than :data:`MAX_DEPTH`.
+
+    First a bound counted in C over the bracket bytes (brackets inside strings can only make
+    it larger); only when the bound passes the limit is the parsed document walked.
+    """
+    structure = raw.translate(None, _BRACKETS)
+    if len(structure) <= 2 * MAX_DEPTH:
+        return False
+    if max(itertools.accumulate(map(_DELTA.__getitem__, structure))) <= MAX_DEPTH:
+        return False
+    stack: list[tuple[Any, int]] = [(parsed, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            return True
+        items = value.values() if type(value) is dict else value
+        stack.extend((item, depth + 1) for item in items if type(item) in (dict, list))
+    return False
 
 
 def parse_json_strict(
@@ -160,13 +231,19 @@ def parse_json_strict(
     what: str,
     max_bytes: int,
     error: type[HkstoreError] = ManifestError,
+    max_values: int = DEFAULT_MAX_VALUES,
 ) -> Any:
-    """Parse untrusted JSON bytes strictly into a ``dict``.
+    """Parse untrusted JSON bytes strictly into a ``dict``, once, in bounded time and memory.
 
-    Checks, in this order: size (before anything is decoded), UTF-8 without byte-order mark,
-    JSON syntax, then every object for duplicate keys (Python's ``json`` would silently keep
-    the last one), no ``NaN``/``Infinity`` constants or numbers that overflow to infinity,
-    nesting at most :data:`MAX_DEPTH`, and a top-level object.
+    Checks, in this order: size (before anything is decoded), no byte-order mark, an upper
+    bound on the number of values (:func:`count_values_bound`, before anything is decoded or
+    built), valid UTF-8, JSON syntax, every object for duplicate keys (Python's ``json``
+    would silently keep the last one), no ``NaN``/``Infinity`` constants or numbers that
+    overflow to infinity, nesting at most :data:`MAX_DEPTH`, and a top-level object.
+
+    The document is parsed once, straight into the objects returned (duplicate keys and bad
+    numbers are caught by the parser's hooks as they are met); only a refused document is
+    parsed a second time, to say where the fault is.
 
     Args:
         data: the document's bytes.
@@ -174,22 +251,30 @@ def parse_json_strict(
         max_bytes: the largest accepted size.
         error: the class raised for malformed input (``ManifestError`` unless the caller
             parses another document, e.g. a signature).
+        max_values: the largest accepted value count bound (``Limits.max_json_values``).
 
     Returns:
         The parsed object, made of ``dict``, ``list``, ``str``, ``int``, ``float``, ``bool``
         and ``None``.
 
     Raises:
-        LimitExceededError: ``data`` is longer than ``max_bytes``.
+        LimitExceededError: ``data`` is longer than ``max_bytes``, or may hold more than
+            ``max_values`` values.
         ManifestError: (or ``error``) anything else above; the message names ``what`` and,
             where there is one, the JSON path at fault.
     """
     size = data.nbytes if isinstance(data, memoryview) else len(data)
     if size > max_bytes:
         raise LimitExceededError(f"{what}: {size} bytes, more than the limit of {max_bytes} bytes")
-    raw = bytes(data)
+    raw = data if isinstance(data, bytes) else bytes(data)
     if raw.startswith(codecs.BOM_UTF8):
         raise error(f"{what}: starts with a UTF-8 byte-order mark; expected UTF-8 without one")
+    bound = count_values_bound(raw)  # before decoding: nothing allocated yet
+    if bound > max_values:
+        raise LimitExceededError(
+            f"{what}: may hold up to {bound} JSON values (counted from its ',', '[' and "
+            f"'{{' bytes), more than the limit of {max_values} (Limits.max_json_values)"
+        )
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -197,7 +282,27 @@ def parse_json_strict(
             f"{what}: not valid UTF-8 (byte 0x{raw[exc.start]:02x} at offset {exc.start})"
         ) from None
     try:
-        parsed = json.loads(
+        parsed = _loads(text, what, error, fast=True)
+    except _Reject:
+        return _slow_parse(text, what, error)
+    if not isinstance(parsed, dict):
+        raise error(f"{what}: the top-level JSON value is {_kind(parsed)}; expected an object")
+    if _too_deep(raw, parsed):
+        return _slow_parse(text, what, error)
+    return parsed
+
+
+def _loads(text: str, what: str, error: type[HkstoreError], *, fast: bool) -> Any:
+    """``json.loads`` with the strict hooks (fast: raising; slow: recording), errors mapped."""
+    try:
+        if fast:
+            return json.loads(
+                text,
+                object_pairs_hook=_fast_object,
+                parse_constant=_fast_constant,
+                parse_float=_fast_float,
+            )
+        return json.loads(
             text, object_pairs_hook=_Pairs, parse_constant=_Refused, parse_float=_parse_float
         )
     except json.JSONDecodeError as exc:
@@ -208,9 +313,15 @@ def parse_json_strict(
         raise error(f"{what}: invalid JSON: nested too deeply") from None
     except ValueError as exc:  # int literal longer than Python's int-from-str limit
         raise error(f"{what}: invalid JSON: {exc}") from None
+
+
+def _slow_parse(text: str, what: str, error: type[HkstoreError]) -> Any:
+    """Parse again keeping pairs and refused numbers, to name the path of the first fault."""
+    parsed = _loads(text, what, error, fast=False)
     if not isinstance(parsed, _Pairs):
         raise error(f"{what}: the top-level JSON value is {_kind(parsed)}; expected an object")
-    return _finish(parsed, [], 1, what, error)
+    _finish(parsed, [], 1, what, error)
+    raise AssertionError(f"{what}: refused by the fast parse but not by the slow one")
 
 
 def _finish(
@@ -234,6 +345,28 @@ def _finish(
             raise error(f"{what}: duplicate key {key!r} in the object at {json_path(path)}")
         out[key] = _finish(item, [*path, key], depth + 1, what, error)
     return out
+
+
+def encode_parsed(document: Any, *, what: str, error: type[HkstoreError] = ManifestError) -> bytes:
+    """Canonical bytes of a document :func:`parse_json_strict` returned (C speed, no walk).
+
+    Parsed documents hold only JSON types, so the type walk of :func:`canonical_json` is not
+    needed; a lone surrogate (``"\\ud800"`` parses, but has no UTF-8 form) is the one thing
+    left to refuse.
+
+    Raises:
+        ManifestError: (or ``error``) a string with a lone surrogate.
+    """
+    text = json.dumps(
+        document, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+    )
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise error(
+            f"{what}: a string holds a lone surrogate (index {exc.start} of the canonical "
+            "text), which has no UTF-8 form"
+        ) from None
 
 
 def _kind(value: Any) -> str:

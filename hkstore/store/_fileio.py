@@ -130,10 +130,27 @@ class FileSource:
         self.size = os.fstat(fd).st_size
 
     def read(self, offset: int, n: int) -> bytes:
-        """Return exactly ``n`` bytes at ``offset``."""
-        buffer = bytearray(n)
-        self.readinto(offset, memoryview(buffer))
-        return bytes(buffer)
+        """Return exactly ``n`` bytes at ``offset`` (one allocation in the common case)."""
+        _check_range(offset, n, self.size)
+        data = os.pread(self.fd, n, offset)
+        if len(data) == n:
+            return data
+        parts = [data]
+        done = len(data)
+        while done < n:
+            more = os.pread(self.fd, n - done, offset + done)
+            if not more:
+                self._short(offset, n, done)
+            parts.append(more)
+            done += len(more)
+        return b"".join(parts)
+
+    def _short(self, offset: int, n: int, done: int) -> None:
+        raise ContainerError(
+            f"{self.name}: the file ended at offset {offset + done} while reading {n} bytes at "
+            f"offset {offset}; it was {self.size} bytes when opened (changed or truncated by "
+            "another process?)"
+        )
 
     def readinto(self, offset: int, buffer: memoryview) -> None:
         """Fill ``buffer`` from ``offset`` (several ``preadv`` calls if the kernel reads less)."""
@@ -142,11 +159,7 @@ class FileSource:
         while done < buffer.nbytes:
             got = os.preadv(self.fd, [buffer[done:]], offset + done)
             if got == 0:
-                raise ContainerError(
-                    f"{self.name}: the file ended at offset {offset + done} while reading "
-                    f"{buffer.nbytes} bytes at offset {offset}; it was {self.size} bytes when "
-                    "opened (changed or truncated by another process?)"
-                )
+                self._short(offset, buffer.nbytes, done)
             done += got
 
 

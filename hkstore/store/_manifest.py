@@ -20,13 +20,14 @@ from __future__ import annotations
 
 import copy
 import functools
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NotRequired, TypedDict
 
 from hkstore._version import __version__
 from hkstore.errors import LimitExceededError, ManifestError, UnsupportedVersionError
-from hkstore.store._canonical import canonical_json, json_path, parse_json_strict
+from hkstore.store._canonical import canonical_json, encode_parsed, json_path, parse_json_strict
 from hkstore.store._digests import ALGORITHMS as DIGEST_ALGORITHMS
 from hkstore.store._functions import current_runtime
 from hkstore.store._limits import DEFAULT_LIMITS, Limits
@@ -49,6 +50,7 @@ from hkstore.store._records import (
     WeightsRecord,
     WriterInfo,
     WriterJSON,
+    dtype_codes,
     expect_int,
     expect_json_object,
     expect_object,
@@ -56,7 +58,14 @@ from hkstore.store._records import (
     field_error,
     optional,
 )
-from hkstore.store._schema import load_schema, validate
+from hkstore.store._schema import (
+    MAX_LISTED_ERRORS,
+    Problem,
+    _shorten,
+    load_schema,
+    raise_problems,
+    schema_problems,
+)
 
 __all__ = [
     "FORMAT_NAME",
@@ -82,6 +91,8 @@ __all__ = [
 FORMAT_NAME = "hkstore"
 FORMAT_VERSION = 1
 _WHAT = MANIFEST_MEMBER
+_SEED_MIN = -(2**63)
+_SEED_MAX = 2**64 - 1
 
 
 class ManifestJSON(TypedDict):
@@ -137,9 +148,21 @@ class Manifest:
         object.__setattr__(self, "trainable", tuple(self.trainable))
         object.__setattr__(self, "data_info", copy.deepcopy(dict(self.data_info)))
         object.__setattr__(self, "metadata", copy.deepcopy(dict(self.metadata)))
+        self._check()
+
+    def _check(self) -> None:
         problems = self.problems()
         if problems:
             raise _many(problems)
+
+    @classmethod
+    def _owned(cls, **fields: Any) -> Manifest:
+        """Build from parts the strict parser handed over: checked, not copied."""
+        manifest = object.__new__(cls)
+        for name, value in fields.items():
+            object.__setattr__(manifest, name, value)
+        manifest._check()
+        return manifest
 
     @property
     def format(self) -> str:
@@ -174,18 +197,20 @@ class Manifest:
         out: list[str] = []
         first: dict[str, int] = {}
         for i, tensor in enumerate(self.tensors):
+            name = tensor.name
+            if name and name != "__metadata__" and name not in first:
+                first[name] = i
+                continue
             where = json_path(["tensors", i, "name"])
-            if not tensor.name:
+            if not name:
                 out.append(f"{where}: tensor name is empty")
-            elif tensor.name == "__metadata__":
+            elif name == "__metadata__":
                 out.append(f"{where}: '__metadata__' is reserved by safetensors")
-            elif tensor.name in first:
-                out.append(
-                    f"{where}: duplicate tensor name {tensor.name!r} "
-                    f"(also {json_path(['tensors', first[tensor.name]])})"
-                )
             else:
-                first[tensor.name] = i
+                out.append(
+                    f"{where}: duplicate tensor name {name!r} "
+                    f"(also {json_path(['tensors', first[name]])})"
+                )
         for i, tensor in enumerate(self.tensors):
             if tensor.algorithm not in DIGEST_ALGORITHMS:
                 out.append(
@@ -204,6 +229,11 @@ class Manifest:
         last = -1
         seen: set[str] = set()
         for i, name in enumerate(self.trainable):
+            index = first.get(name)
+            if index is not None and index > last and name not in seen:
+                last = index
+                seen.add(name)
+                continue
             where = json_path(["trainable", i])
             if name in seen:
                 out.append(f"{where}: {name!r} is listed twice")
@@ -247,8 +277,22 @@ class Manifest:
         return out
 
     @classmethod
-    def from_dict(cls, value: Any) -> Manifest:
+    def from_dict(
+        cls,
+        value: Any,
+        *,
+        owned: bool = False,
+        tensors: tuple[TensorRecord, ...] | None = None,
+    ) -> Manifest:
         """Build a Manifest from the parsed JSON document, field by field.
+
+        Args:
+            value: the document.
+            owned: the document comes from the strict parser and is handed over: its
+                free-form objects (``data_info``, ``metadata``, ``kwargs``) are kept, not
+                copied (they are JSON by construction).
+            tensors: the records of ``$.tensors`` when the caller already built them from
+                this very document (:func:`decode_manifest` does, in its validation pass).
 
         Raises:
             ManifestError: a field is missing, unexpected or of the wrong type (the message
@@ -277,20 +321,28 @@ class Manifest:
         for key in ("tensors", "trainable"):
             if not isinstance(d[key], list):
                 raise field_error([key], f"expected an array, got {type(d[key]).__name__}")
-        return cls(
-            writer=WriterInfo.from_dict(d["writer"]),
-            data_info=expect_json_object(d["data_info"], ["data_info"]),
-            seed=optional(d["seed"], functools.partial(expect_int, minimum=None), ["seed"]),
-            tensors=tuple(
+        seed = optional(d["seed"], functools.partial(expect_int, minimum=None), ["seed"])
+        if seed is not None and not _SEED_MIN <= seed <= _SEED_MAX:
+            raise field_error(["seed"], f"{seed} is outside [{_SEED_MIN}, {_SEED_MAX}]")
+        fields: dict[str, Any] = {
+            "writer": WriterInfo.from_dict(d["writer"]),
+            "data_info": expect_json_object(d["data_info"], ["data_info"], owned=owned),
+            "seed": seed,
+            "tensors": tensors
+            if tensors is not None
+            else tuple(
                 TensorRecord.from_dict(t, ["tensors", i]) for i, t in enumerate(d["tensors"])
             ),
-            trainable=tuple(expect_str(n, ["trainable", i]) for i, n in enumerate(d["trainable"])),
-            functions=Functions.from_dict(d["functions"]),
-            weights=WeightsRecord.from_dict(d["weights"]),
-            pickle=optional(d["pickle"], PickleRecord.from_dict, ["pickle"]),
-            metadata=expect_json_object(d["metadata"], ["metadata"]),
-            rng=RngRecord.from_dict(d["rng"], ["rng"]) if "rng" in d else None,
-        )
+            "trainable": tuple(
+                expect_str(n, ["trainable", i]) for i, n in enumerate(d["trainable"])
+            ),
+            "functions": Functions.from_dict(d["functions"], owned=owned),
+            "weights": WeightsRecord.from_dict(d["weights"]),
+            "pickle": optional(d["pickle"], PickleRecord.from_dict, ["pickle"]),
+            "metadata": expect_json_object(d["metadata"], ["metadata"], owned=owned),
+            "rng": RngRecord.from_dict(d["rng"], ["rng"]) if "rng" in d else None,
+        }
+        return cls._owned(**fields) if owned else cls(**fields)
 
     @classmethod
     def build(
@@ -409,7 +461,7 @@ def encode_manifest(manifest: Manifest) -> bytes:
     """
     document = manifest.to_dict()
     data = canonical_json(document, what=_WHAT)
-    validate(document, schema=SCHEMA, what=_WHAT)
+    _validate(dict(document))
     return data
 
 
@@ -437,15 +489,20 @@ def decode_manifest(
             was found and which this reader implements).
         ManifestError: anything else.
     """
-    document = parse_json_strict(data, what=_WHAT, max_bytes=limits.max_manifest_bytes)
+    raw = data if isinstance(data, bytes) else bytes(data)
+    document = parse_json_strict(
+        raw,
+        what=_WHAT,
+        max_bytes=limits.max_manifest_bytes,
+        max_values=limits.max_json_values,
+    )
     _check_format(document)
     tensors = document.get("tensors")
     if isinstance(tensors, list) and len(tensors) > limits.max_tensors:
         raise LimitExceededError(
             f"{_WHAT}: {len(tensors)} tensors, more than the limit of {limits.max_tensors}"
         )
-    expected = canonical_json(document, what=_WHAT)
-    raw = bytes(data)
+    expected = encode_parsed(document, what=_WHAT)
     if expected != raw:
         at = next(
             (i for i, (a, b) in enumerate(zip(expected, raw, strict=False)) if a != b),
@@ -455,8 +512,163 @@ def decode_manifest(
             f"{_WHAT}: not canonical JSON (first difference at byte {at}; expected UTF-8, "
             "sorted keys, no whitespace between tokens, shortest number forms)"
         )
-    validate(document, schema=SCHEMA, what=_WHAT)
-    return Manifest.from_dict(document)
+    tensor_records = _validate(document)
+    return Manifest.from_dict(document, owned=True, tensors=tensor_records)
+
+
+def _validate(document: dict[str, Any]) -> tuple[TensorRecord, ...] | None:
+    """The schema, in linear time: jsonschema for the fixed-size part, one pass for the lists.
+
+    JSON Schema's per-item validation of ``$.tensors`` costs seconds at 100,000 tensors, and
+    its ``uniqueItems`` on ``$.trainable`` is quadratic when the items are not hashable (a
+    110 KB manifest took 85 s). Those two arrays are checked here instead, by
+    :func:`_list_problems`, with the same rules; ``tests/test_manifest.py`` checks that both
+    paths agree on every case.
+
+    Returns:
+        The tensor records, built in the same pass when every entry is well-formed (else
+        ``None``, and :meth:`Manifest.from_dict` says what is wrong).
+    """
+    skeleton = dict(document)
+    for key in ("tensors", "trainable"):
+        if isinstance(skeleton.get(key), list):
+            skeleton[key] = []
+    problems = schema_problems(skeleton, schema=SCHEMA)
+    records, list_problems = _list_problems(document)
+    raise_problems(problems + list_problems, what=_WHAT)
+    return records
+
+
+def _list_problems(
+    document: dict[str, Any],
+) -> tuple[tuple[TensorRecord, ...] | None, list[Problem]]:
+    """The schema rules of ``$.tensors`` items and ``$.trainable``, in one pass each.
+
+    Messages are worded as JSON Schema's (``jsonschema``) are, so a problem reads the same
+    whichever check found it. Well-formed tensor entries (the common case, tested first in a
+    few operations) become their records in the same pass.
+
+    Returns:
+        ``(tensor records or None, problems)``.
+    """
+    problems: list[Problem] = []
+    records: list[TensorRecord] | None = []
+    formatting = True  # once enough problems are worded, the rest are only counted
+
+    def add(path: list[str | int], message: str) -> None:
+        key = [(isinstance(p, str), p) for p in path]
+        problems.append((key, f"{json_path(path)}: {_shorten(message)}" if formatting else ""))
+
+    tensors = document.get("tensors")
+    codes = dtype_codes()
+    code_set = frozenset(codes)
+    make = TensorRecord._trusted
+    for i, item in enumerate(tensors if isinstance(tensors, list) else ()):
+        if (
+            type(item) is dict
+            and len(item) == 4
+            and type(name := item.get("name")) is str
+            and name
+            and item.get("dtype") in code_set
+            and type(shape := item.get("shape")) is list
+            and all(type(d) is int and d >= 0 for d in shape)
+            and type(digest := item.get(algorithm := "sha256" if "sha256" in item else "blake3"))
+            is str
+            and _SHA256_PATTERN.fullmatch(digest)
+        ):
+            if records is not None:
+                records.append(make(name, item["dtype"], tuple(shape), digest, algorithm))
+            continue
+        records = None
+        formatting = len(problems) <= MAX_LISTED_ERRORS
+        where: list[str | int] = ["tensors", i]
+        if not isinstance(item, dict):
+            add(where, f"{_brief(item)} is not of type 'object'")
+            continue
+        for key in _TENSOR_KEYS:
+            if key not in item:
+                add(where, f"{key!r} is a required property")
+        digests = [key for key in DIGEST_ALGORITHMS if key in item]
+        if not digests:  # the schema's oneOf, worded as _schema words it
+            add(where, "no alternative matches: "
+                + "; or ".join(f"{key!r} is a required property"
+                               for key in sorted(DIGEST_ALGORITHMS)))
+        elif len(digests) > 1:
+            add(where, f"{_brief(item)} is valid under each of "
+                + ", ".join(f"{{'required': [{key!r}]}}" for key in DIGEST_ALGORITHMS))
+        extra = [key for key in item if key not in _TENSOR_KEYS and key not in DIGEST_ALGORITHMS]
+        if extra:
+            add(where, f"Additional properties are not allowed ({_unexpected(extra)})")
+        if "name" in item:
+            name = item["name"]
+            if not isinstance(name, str):
+                add([*where, "name"], f"{_brief(name)} is not of type 'string'")
+            elif not name:
+                add([*where, "name"], "'' should be non-empty")
+        if "dtype" in item and (not isinstance(item["dtype"], str) or item["dtype"] not in codes):
+            add([*where, "dtype"], f"{_brief(item['dtype'])} is not one of {list(codes)!r}")
+        shape = item.get("shape", [])
+        if not isinstance(shape, list):
+            add([*where, "shape"], f"{_brief(shape)} is not of type 'array'")
+        else:
+            for j, dim in enumerate(shape):
+                if not _is_integer(dim):
+                    add([*where, "shape", j], f"{_brief(dim)} is not of type 'integer'")
+                elif dim < 0:
+                    add([*where, "shape", j], f"{dim} is less than the minimum of 0")
+        for key in digests:
+            digest = item[key]
+            if not isinstance(digest, str):
+                add([*where, key], f"{_brief(digest)} is not of type 'string'")
+            else:
+                if not _SHA256_PATTERN.search(digest):
+                    add([*where, key], f"{_brief(digest)} does not match "
+                        f"{_SHA256_PATTERN.pattern!r}")
+                if len(digest) != 64:
+                    add([*where, key],
+                        f"{_brief(digest)} is too {'long' if len(digest) > 64 else 'short'}")
+    trainable = document.get("trainable")
+    seen: set[str] = set()
+    duplicate = False
+    for i, name in enumerate(trainable if isinstance(trainable, list) else ()):
+        formatting = len(problems) <= MAX_LISTED_ERRORS
+        if not isinstance(name, str):
+            add(["trainable", i], f"{_brief(name)} is not of type 'string'")
+        elif not name:
+            add(["trainable", i], "'' should be non-empty")
+        elif name in seen:
+            duplicate = True
+        else:
+            seen.add(name)
+    if duplicate:
+        formatting = True
+        add(["trainable"], f"{_brief(trainable)} has non-unique elements")
+    return (None if records is None else tuple(records)), problems
+
+
+_TENSOR_KEYS = ("name", "dtype", "shape")  # and one key of DIGEST_ALGORITHMS
+_SHA256_PATTERN = re.compile(r"^[0-9a-f]{64}$")  # as the schema writes it (re.search)
+
+
+def _is_integer(value: Any) -> bool:
+    """JSON Schema's "integer": an int (not a bool) or a float with no fraction."""
+    if isinstance(value, bool):
+        return False
+    return isinstance(value, int) or (isinstance(value, float) and value.is_integer())
+
+
+def _brief(value: Any, limit: int = 400) -> str:
+    if isinstance(value, str) and len(value) > limit:
+        value = value[:limit]
+    elif isinstance(value, list) and len(value) > 50:
+        value = value[:50]
+    return repr(value)
+
+
+def _unexpected(keys: list[str]) -> str:
+    listed = ", ".join(_brief(k, 40) for k in keys[:5])
+    verb = "was" if len(keys) == 1 else "were"
+    return f"{listed} {verb} unexpected"
 
 
 def writer_versions(extra: Mapping[str, str] | None = None) -> dict[str, str]:

@@ -17,7 +17,14 @@ from hkstore.errors import HkstoreError, ManifestError
 if TYPE_CHECKING:
     from jsonschema import Draft202012Validator
 
-__all__ = ["MAX_LISTED_ERRORS", "load_schema", "validate"]
+__all__ = [
+    "MAX_LISTED_ERRORS",
+    "Problem",
+    "load_schema",
+    "raise_problems",
+    "schema_problems",
+    "validate",
+]
 
 #: Schema violations listed in one error message (the rest are counted).
 MAX_LISTED_ERRORS = 20
@@ -49,6 +56,42 @@ def _validator(name: str) -> Draft202012Validator:
     return Draft202012Validator(load_schema(name), registry=registry)
 
 
+#: A problem: its JSON path as a sort key, and the message ``"<path>: <reason>"``.
+Problem = tuple[list[tuple[bool, Any]], str]
+
+
+def schema_problems(document: Any, *, schema: str) -> list[Problem]:
+    """Every violation of ``schemas/<schema>`` by ``document`` (JSON Schema draft 2020-12)."""
+    return [
+        (
+            [(isinstance(p, str), p) for p in e.absolute_path],
+            f"{e.json_path}: {_shorten(_reason(e))}",
+        )
+        for e in _validator(schema).iter_errors(document)
+    ]
+
+
+def raise_problems(
+    problems: list[Problem], *, what: str, error: type[HkstoreError] = ManifestError
+) -> None:
+    """Raise one error listing ``problems`` sorted by path (nothing when there are none).
+
+    Raises:
+        ManifestError: (or ``error``) ``"<what>: schema: <problem>"`` for one problem, or a
+            counted list of at most :data:`MAX_LISTED_ERRORS` for several.
+    """
+    if not problems:
+        return
+    found = sorted(problems, key=lambda item: (item[0], item[1]))
+    lines = [message for _, message in found[:MAX_LISTED_ERRORS]]
+    if len(found) > MAX_LISTED_ERRORS:
+        lines.append(f"... and {len(found) - MAX_LISTED_ERRORS} more")
+    if len(lines) == 1:
+        raise error(f"{what}: schema: {lines[0]}")
+    listed = "".join(f"\n  - {p}" for p in lines)
+    raise error(f"{what}: schema: {len(found)} problems:{listed}")
+
+
 def validate(
     document: Any, *, schema: str, what: str, error: type[HkstoreError] = ManifestError
 ) -> None:
@@ -64,19 +107,7 @@ def validate(
         ManifestError: (or ``error``) listing every violation, sorted by JSON path, as
             ``"<what>: schema: <path>: <reason>"`` (one) or a counted list (several).
     """
-    found = sorted(
-        _validator(schema).iter_errors(document),
-        key=lambda e: ([(isinstance(p, str), p) for p in e.absolute_path], e.message),
-    )
-    if not found:
-        return
-    problems = [f"{e.json_path}: {_shorten(_reason(e))}" for e in found[:MAX_LISTED_ERRORS]]
-    if len(found) > MAX_LISTED_ERRORS:
-        problems.append(f"... and {len(found) - MAX_LISTED_ERRORS} more")
-    if len(problems) == 1:
-        raise error(f"{what}: schema: {problems[0]}")
-    listed = "".join(f"\n  - {p}" for p in problems)
-    raise error(f"{what}: schema: {len(found)} problems:{listed}")
+    raise_problems(schema_problems(document, schema=schema), what=what, error=error)
 
 
 def _reason(e: Any) -> str:

@@ -49,6 +49,7 @@ from hkstore.errors import (
     WeightsFormatError,
     WeightsMismatchError,
 )
+from hkstore.store._canonical import count_values_bound
 from hkstore.store._crc32 import crc32 as _default_crc32
 from hkstore.store._crc32 import crc32_combine
 from hkstore.store._digests import DEFAULT as DEFAULT_DIGEST
@@ -389,11 +390,21 @@ def _refuse_constant(member: str) -> Callable[[str], NoReturn]:
     return hook
 
 
-def _decode_json(raw: bytes, member: str) -> dict[str, Any]:
+def _decode_json(header_bytes: bytes, member: str, limits: Limits) -> dict[str, Any]:
+    """Parse the JSON after the 8-byte length prefix of ``header_bytes``, bounded first."""
     try:
-        text = raw.decode("utf-8")
+        text = str(memoryview(header_bytes)[8:], "utf-8")
     except UnicodeDecodeError as exc:
         _fail(member, f"header is not valid UTF-8 ({exc.reason} at byte {8 + exc.start})")
+    # bound the values before json builds one object (see count_values_bound): a header of
+    # a few MB of "[]," would otherwise expand to GBs of lists (the 8 prefix bytes can only
+    # loosen the bound)
+    bound = count_values_bound(header_bytes)
+    if bound > limits.max_json_values:
+        raise LimitExceededError(
+            f"{member}: the header may hold up to {bound} JSON values, more than the limit of "
+            f"{limits.max_json_values} (Limits.max_json_values)"
+        )
     try:
         obj = json.loads(
             text,
@@ -540,8 +551,11 @@ def parse_header(
     n = _header_length(view[:8], size, limits, member)
     if 8 + n > view.nbytes:
         _fail(member, f"truncated: the header needs {8 + n} bytes, only {view.nbytes} given")
-    header_bytes = bytes(view[: 8 + n])
-    obj = _decode_json(header_bytes[8:], member)
+    if isinstance(buf, bytes) and len(buf) == 8 + n:
+        header_bytes = buf  # the caller read exactly the header: no copy
+    else:
+        header_bytes = bytes(view[: 8 + n])
+    obj = _decode_json(header_bytes, member, limits)
     count = len(obj) - (_METADATA in obj)
     if count > limits.max_tensors:
         raise LimitExceededError(
@@ -687,7 +701,7 @@ class WeightsReader:
         prefix = self._read_bytes(0, min(8, size))
         n = _header_length(prefix, size, limits, member)
         entries, self.header_size, self.header_bytes = parse_header(
-            prefix + self._read_bytes(8, n), limits, member_size=size, member=member
+            self._read_bytes(0, 8 + n), limits, member_size=size, member=member
         )
         self.header_sha256 = hashlib.sha256(self.header_bytes).hexdigest()
         self.entries: dict[str, TensorEntry] = {e.name: e for e in entries}
@@ -724,9 +738,25 @@ class WeightsReader:
             done += n
 
     def _read_bytes(self, pos: int, n: int) -> bytes:
-        buf = np.empty(n, dtype=np.uint8)
-        self._read_into(buf, pos)
-        return buf.tobytes()
+        """``n`` bytes from member position ``pos`` in one new ``bytes`` (no second copy)."""
+        start = self.offset + pos
+        if self._fd is None:
+            if self._src is None:
+                raise ValueError(f"{self._member}: reader is closed")
+            return self._src[start : start + n].tobytes()
+        parts = []
+        done = 0
+        while done < n:
+            part = os.pread(self._fd, n - done, start + done)
+            if not part:
+                _fail(
+                    self._member,
+                    f"truncated: the file ended at member byte {pos + done}, {n - done} "
+                    "bytes short",
+                )
+            parts.append(part)
+            done += len(part)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def _read_pieces(self, raw: np.ndarray, pos: int, scheduler: Scheduler) -> None:
         """Fill ``raw`` from ``pos`` in :data:`_SPLIT_CHUNK` pieces on every worker."""
