@@ -94,7 +94,7 @@ def test_function_reference_round_trips(fn: Any, ref: str, kwargs: dict[str, Any
     spec = function_reference(fn)
     assert spec == {"kind": "reference", "ref": ref, "kwargs": kwargs}
     allowed = [ref.split(":")[0].split(".")[0]]
-    resolved = resolve_reference(spec, Trust(modules=allowed))
+    resolved = resolve_reference(spec, Trust(modules=allowed, allow_stdlib=True))
     if kwargs:
         assert isinstance(resolved, functools.partial)
         assert resolved.func is getattr(fn, "func", fn) and resolved.keywords == kwargs
@@ -287,7 +287,8 @@ def test_resolve_refuses_a_name_imported_from_elsewhere() -> None:
         "reference 'fnrefs:sqrt': fnrefs:sqrt is defined in module 'math', which is not in the "
         "allowed modules"
     )
-    assert resolve_reference(_ref("fnrefs:sqrt"), Trust(modules=["fnrefs", "math"]))(4) == 2
+    both = Trust(modules=["fnrefs", "math"], allow_stdlib=True)
+    assert resolve_reference(_ref("fnrefs:sqrt"), both)(4) == 2
 
 
 def test_resolve_refuses_to_walk_through_a_module() -> None:

@@ -6,18 +6,19 @@ __all__ = ["printable"]
 
 
 def printable(text: str) -> str:
-    """``text`` with every character a terminal could act on escaped, newlines kept.
+    r"""``text`` with every character a terminal could act on escaped, newlines kept.
 
     Archives carry text chosen by whoever wrote them (tensor names, versions, pickle
     globals, metadata); written raw, escape sequences could move the cursor, erase the line
     that shows ``posix.system``, retitle the window, or reorder text (bidirectional
     overrides). Every character that is not printable (``str.isprintable``: control,
     format, surrogate, private-use, unassigned, line and paragraph separators) becomes
-    ``\\xNN``, ``\\uNNNN`` or ``\\UNNNNNNNN``, as in Python's ``repr``.
+    ``\xNN``, ``\uNNNN`` or ``\UNNNNNNNN``, as in Python's ``repr``.
 
     Example:
-        >>> printable("ok\x1b[2Kfake\u202e\nnext")
-        'ok\\x1b[2Kfake\\u202e\nnext'
+        >>> print(printable("ok\x1b[2Kfake\u202e\nnext"))
+        ok\x1b[2Kfake\u202e
+        next
     """
     if text.isprintable():
         return text
