@@ -51,9 +51,10 @@ _EXIT_CODES = """\
 exit status:
   0  ok
   1  a check failed: the input was read and fails the container, manifest, limits,
-     digest or signature checks (or, for convert-declearn, holds code that is refused)
-  2  usage error, or input that cannot be judged: missing or unreadable file, not a ZIP
-     file, a key file that does not load, a newer format version
+     digest or signature checks (a file that is not an archive at all included), or, for
+     convert-declearn, holds code that is refused
+  2  usage error, or input that cannot be judged: missing or unreadable file, a folder,
+     FIFO or device, a key file that does not load, a newer format version
   3  internal error (a bug in hkstore; never a verdict on the input)
 """
 
@@ -145,7 +146,7 @@ def _trust(args: argparse.Namespace) -> Any:
     return load_trust(
         args.key, args.hmac_secret_file, require_signature=args.require_signature,
         approved=args.approve, modules=args.allow_module, allow_stdlib=args.allow_stdlib,
-        allow_pickle=args.allow_pickle,
+        allow_pickle=args.allow_pickle, allow_python_mismatch=args.allow_python_mismatch,
     )  # fmt: skip
 
 
@@ -259,6 +260,9 @@ def _add_trust(p: argparse.ArgumentParser) -> None:
                       help="let --allow-module name standard-library modules")
     code.add_argument("--allow-pickle", action="store_true",
                       help="accept a pickle signed by one of the given keys")
+    code.add_argument("--allow-python-mismatch", action="store_true",
+                      help="with --allow-pickle or --approve: accept a pickle written by "
+                           "another Python (nothing is unpickled here either way)")
 
 
 def build_parser() -> argparse.ArgumentParser:

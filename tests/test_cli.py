@@ -207,13 +207,12 @@ def test_inspect_signature_states(archive: Path, keypair: tuple[Path, Path, str]
 
 @pytest.mark.parametrize("verb", ["inspect", "verify"])
 def test_unreadable_inputs_exit_2(verb: str, tmp_path: Path) -> None:
-    (tmp_path / "empty.hkz").write_bytes(b"")
-    (tmp_path / "text.hkz").write_text("not an archive\n")
+    os.mkfifo(tmp_path / "fifo.hkz")
     cases = {
         tmp_path / "missing.hkz": "no such file",
         tmp_path: "is a folder",
-        tmp_path / "empty.hkz": "not an hkstore archive (an empty file)",
-        tmp_path / "text.hkz": "not an hkstore archive (not a ZIP file)",
+        tmp_path / "fifo.hkz": "is a named pipe (FIFO)",  # refused at once, never opened
+        Path("/dev/zero"): "is a character device",
     }
     run = run_cli if verb == "verify" else cli
     for path, message in cases.items():
@@ -221,6 +220,18 @@ def test_unreadable_inputs_exit_2(verb: str, tmp_path: Path) -> None:
         assert result.returncode == 2, (path, result.stderr)
         assert message in result.stderr
         assert result.stdout == ""
+
+
+@pytest.mark.parametrize("verb", ["inspect", "verify"])
+def test_files_that_are_not_archives_fail_the_container_check(verb: str, tmp_path: Path) -> None:
+    (tmp_path / "empty.hkz").write_bytes(b"")
+    (tmp_path / "text.hkz").write_text("not an archive\n")
+    for path in (tmp_path / "empty.hkz", tmp_path / "text.hkz"):
+        result = cli(verb, path, "--json")
+        assert result.returncode == 1, (path, result.stderr)
+        report = json.loads(result.stdout)
+        failed = report["failed"] if "failed" in report else report["verdict"]["failed"]
+        assert (failed["check"], failed["error"]) == ("container", "ContainerError")
 
 
 def test_malformed_container_is_a_failed_check(archive: Path) -> None:

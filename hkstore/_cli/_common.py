@@ -29,7 +29,6 @@ __all__ = [
     "write_stderr",
 ]
 
-_ZIP_LOCAL_MAGIC = b"PK\x03\x04"
 #: Verifying at least this many tensor bytes shows a progress line (on a terminal only).
 PROGRESS_MIN_BYTES = 1 << 30
 
@@ -37,10 +36,11 @@ PROGRESS_MIN_BYTES = 1 << 30
 def open_input(path: str, *, workers: int | None = None) -> Archive:
     """Open an archive named on the command line (container and manifest checked).
 
-    A path that does not exist, cannot be read, is not a regular file (a folder, a FIFO, a
-    device: refused at once, without blocking) or is not a ZIP file at all (it does not
-    start with the ZIP local-file signature) is a :class:`UsageError` (exit 2): there is no
-    archive to judge. Anything wrong past that point is the archive failing a check (exit 1).
+    A path that does not exist, cannot be read or is not a regular file (a folder, a FIFO,
+    a device: refused at once, without blocking) is a :class:`UsageError` (exit 2): there is
+    no file to judge. Any regular file is then judged like every other entry point judges
+    it: one that is not an archive at all fails the container check (exit 1), with the
+    library's error, so that the command and the library give the same verdict.
 
     Raises:
         UsageError: as above.
@@ -58,15 +58,7 @@ def open_input(path: str, *, workers: int | None = None) -> Archive:
         raise UsageError(str(exc)) from None
     except OSError as exc:
         raise UsageError(f"{path}: cannot read: {exc.strerror}") from None
-    try:
-        magic = os.pread(fd, len(_ZIP_LOCAL_MAGIC), 0)
-    except OSError as exc:
-        raise UsageError(f"{path}: cannot read: {exc.strerror}") from None
-    finally:
-        os.close(fd)
-    if magic != _ZIP_LOCAL_MAGIC:
-        what = "an empty file" if not magic else "not a ZIP file"
-        raise UsageError(f"{path}: not an hkstore archive ({what})")
+    os.close(fd)
     return open_archive(path, workers=workers)
 
 
@@ -79,6 +71,7 @@ def load_trust(
     modules: Sequence[str] = (),
     allow_stdlib: bool = False,
     allow_pickle: bool = False,
+    allow_python_mismatch: bool = False,
 ) -> Trust:
     """Build the :class:`~hkstore.store.Trust` described by the command line's options.
 
@@ -101,7 +94,8 @@ def load_trust(
                          "--hmac-secret-file FILE")
     try:
         return Trust(keys=verifiers, require_signature=require_signature, approved=approved,
-                     modules=modules, allow_stdlib=allow_stdlib, allow_pickle=allow_pickle)
+                     modules=modules, allow_stdlib=allow_stdlib, allow_pickle=allow_pickle,
+                     allow_python_mismatch=allow_python_mismatch)
     except TrustPolicyError as exc:
         raise UsageError(str(exc)) from None
 

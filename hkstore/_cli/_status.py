@@ -34,7 +34,7 @@ class ExitCode(enum.IntEnum):
     #: The input was read and a check failed: bad structure, schema, limit, digest or
     #: signature, or code that the converter refuses.
     CHECK_FAILED = 1
-    #: Bad command line, or input that cannot be judged: missing, unreadable, not a ZIP file,
+    #: Bad command line, or input that cannot be judged: missing, unreadable, not a file,
     #: a key file that does not load, a newer format version, a malformed declearn input.
     USAGE = 2
     #: A bug in hkstore (an exception that is not part of the error family).

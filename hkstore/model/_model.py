@@ -8,6 +8,7 @@ public members plus the serialization hooks), mostly docstrings; the work it del
 from __future__ import annotations
 
 import functools
+import math
 import secrets
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -19,6 +20,7 @@ from hkstore.errors import (
     ArchiveFormatError,
     DataInfoError,
     InvalidSeedError,
+    LimitExceededError,
     ModelFunctionError,
     NotInitializedError,
     WeightsMismatchError,
@@ -47,8 +49,10 @@ from hkstore.model._state import ModelState, RngState
 from hkstore.model._trainable import Criterion, select_trainable
 from hkstore.model._vector import JaxNumpyVector
 from hkstore.store import (
+    DEFAULT_LIMITS,
     ROLES,
     FunctionKind,
+    Limits,
     Signer,
     Trust,
     build_config,
@@ -61,6 +65,35 @@ from hkstore.store import (
 )
 
 __all__ = ["HaikuModel", "require_functions"]
+
+
+def _check_init_size(
+    batch: jax.ShapeDtypeStruct, init: Callable[..., Any], key: jax.Array, limits: Limits
+) -> None:
+    """Refuse an init whose zero batch or weights would pass ``limits.max_member_bytes``."""
+    cap = limits.max_member_bytes
+    batch_bytes = math.prod(batch.shape) * batch.dtype.itemsize
+    if batch_bytes > cap:
+        raise LimitExceededError(
+            f"initialize: a zero batch of shape {list(batch.shape)} ({batch.dtype}) is "
+            f"{batch_bytes} bytes, more than max_member_bytes={cap}"
+        )
+    try:
+        shapes = jax.eval_shape(init, key, batch)
+    except Exception as exc:  # the caller's model function raised: say so, keep the cause
+        raise ModelFunctionError(
+            f"initialize: the model function fails on a batch of shape {list(batch.shape)} "
+            f"({batch.dtype}): {type(exc).__name__}: {exc}"
+        ) from exc
+    weight_bytes = sum(
+        math.prod(leaf.shape) * np.dtype(leaf.dtype).itemsize
+        for leaf in jax.tree_util.tree_leaves(shapes)
+    )
+    if weight_bytes > cap:
+        raise LimitExceededError(
+            f"initialize: on a batch of shape {list(batch.shape)} the model has "
+            f"{weight_bytes} bytes of weights, more than max_member_bytes={cap}"
+        )
 
 
 @functools.partial(jax.jit, keep_unused=True)
@@ -160,18 +193,27 @@ class HaikuModel:
             )
         return self._params
 
-    def initialize(self, data_info: Mapping[str, Any]) -> None:
+    def initialize(
+        self, data_info: Mapping[str, Any], *, limits: Limits = DEFAULT_LIMITS
+    ) -> None:
         """Build the weights by running the model once on a zero batch; all become trainable.
 
         The zero batch has shape ``(1, *features_shape)`` and dtype ``data_type`` and lives on
-        the model's device. A second call with the same data info does nothing.
+        the model's device. A second call with the same data info does nothing. Before
+        anything is allocated, the batch's size and the weights' (from ``jax.eval_shape`` of
+        the init: no compute) are checked against ``limits.max_member_bytes``: a data info
+        chosen by a peer (a config) cannot make this process allocate more.
 
         Args:
             data_info: needs ``data_type`` and ``features_shape`` (other fields are ignored).
+            limits: ``max_member_bytes`` bounds the zero batch and the weights, each.
 
         Raises:
             DataInfoError: a field is missing or bad (``None`` dimensions included), or the
                 model was already initialized with a different data info.
+            LimitExceededError: the batch or the weights would be larger than the limit, or
+                cannot be allocated.
+            ModelFunctionError: the model function fails on this data info.
         """
         info = validate_data_info(data_info, REQUIRED_FIELDS)
         info = {key: info[key] for key in sorted(REQUIRED_FIELDS)}
@@ -183,9 +225,16 @@ class HaikuModel:
                 "initialize: the model is already initialized with a different data info; "
                 + "; ".join(f"{k!r}: {old!r} before, {new!r} now" for k, (old, new) in diff.items())
             )
-        zeros = np.zeros((1, *info["features_shape"]), dtype=info["data_type"])
         rng, key = jax.random.split(self._rng)
-        params = self._functions().init(key, put_on(zeros, self._device))
+        batch = jax.ShapeDtypeStruct((1, *info["features_shape"]), np.dtype(info["data_type"]))
+        _check_init_size(batch, self._functions().transformed.init, key, limits)
+        try:
+            zeros = np.zeros(batch.shape, dtype=batch.dtype)
+            params = self._functions().init(key, put_on(zeros, self._device))
+        except MemoryError:
+            raise LimitExceededError(
+                f"initialize: the weights for data info {info} cannot be allocated"
+            ) from None
         self._set_params(params)
         self._rng = rng
         self._trainable = list(self._names)
@@ -615,6 +664,7 @@ class HaikuModel:
         trust: Trust | None = None,
         model: Callable[..., Any] | None = None,
         loss: Callable[..., Any] | None = None,
+        limits: Limits = DEFAULT_LIMITS,
     ) -> HaikuModel:
         """Rebuild a model from :meth:`get_config`'s output, through the trust gate.
 
@@ -631,27 +681,33 @@ class HaikuModel:
             trust: what the config may make this process import or unpickle.
             model: the model function (overrides the config's).
             loss: the loss function (overrides the config's).
+            limits: caps on the config's pickle blob, and on the zero batch and weights its
+                data info makes :meth:`initialize` allocate (``max_member_bytes``).
 
         Raises:
             TypeError: ``allow_bin`` is not a bool (``trust`` and the functions are keywords).
             ConfigError: the config is malformed (naming the field); a blob given as bytes
                 without ``allow_bin=True``.
+            LimitExceededError: the pickle, or the model the data info describes, is too
+                large for ``limits``.
             UnsupportedVersionError: a newer config version.
             RefusedCodeError, SignatureError, UntrustedKeyError, DigestMismatchError,
             RuntimeMismatchError: as for :func:`hkstore.load`.
         """
         _check_allow_bin(allow_bin, "from_config")
         trust = Trust() if trust is None else trust
-        document = parse_config(config_with_text_blob(config) if allow_bin else config)
+        document = parse_config(
+            config_with_text_blob(config) if allow_bin else config, limits=limits
+        )
         document.check_signature(trust)  # always: a bad or untrusted signature fails
         given = {"model": model, "loss": loss}
         missing = [role for role in ROLES if given[role] is None]
         if missing:
-            given.update(document.resolve_functions(trust, roles=missing))
+            given.update(document.resolve_functions(trust, roles=missing, limits=limits))
         model_fn, loss_fn = require_functions(given, where="config")
         new = cls(model_fn, loss_fn, seed=document.seed)
         if document.data_info is not None:
-            new.initialize(document.data_info)
+            new.initialize(document.data_info, limits=limits)
             if document.trainable is not None:
                 new.set_trainable_weights(list(document.trainable))
         if document.rng is not None:

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from hkstore.errors import (
+    ArchiveFormatError,
     ConfigError,
     DigestMismatchError,
     LimitExceededError,
@@ -36,6 +37,7 @@ from hkstore.store._canonical import canonical_json
 from hkstore.store._functions import ROLES
 from hkstore.store._gate import resolve_functions
 from hkstore.store._limits import DEFAULT_LIMITS, Limits
+from hkstore.store._pickle_scan import pickle_globals
 from hkstore.store._records import (
     CONFIG_DOCUMENT,
     Functions,
@@ -52,6 +54,7 @@ from hkstore.store._schema import load_schema
 from hkstore.store._signing import ALGORITHMS, Signer
 from hkstore.store._signing import verify_with as _verify_with
 from hkstore.store._trust import Trust
+from hkstore.store._zstd import decompress_bounded
 
 __all__ = [
     "CONFIG_FORMAT",
@@ -96,6 +99,35 @@ class ConfigPickle:
 
     blob: str
     record: PickleRecord
+
+    def check(self, limits: Limits = DEFAULT_LIMITS) -> list[str]:
+        """Check the blob without running it; return the globals it would import.
+
+        Its base64, size and SHA-256 (:meth:`frame`), its zstd frame and a decompression
+        bounded by ``raw_size`` and ``limits.max_functions_bytes``, then a static walk of its
+        opcodes (at most ``limits.max_pickle_ops``): bytes that are not one well-formed pickle
+        are refused.
+
+        Raises:
+            ConfigError: bad base64, or not a well-formed pickle in a valid frame.
+            DigestMismatchError: size or digest differs from the record.
+            LimitExceededError: over ``max_functions_bytes`` or ``max_pickle_ops``.
+        """
+        frame = self.frame()
+        try:
+            raw = decompress_bounded(
+                frame,
+                declared_size=self.record.raw_size,
+                cap=limits.max_functions_bytes,
+                what=f"{_WHAT}: $.pickle.blob",
+                max_window=limits.max_zstd_window_bytes,
+            )
+            return pickle_globals(raw, max_ops=limits.max_pickle_ops)
+        except LimitExceededError:
+            raise
+        except ArchiveFormatError as exc:  # the config's own error class names the document
+            message = str(exc) if str(exc).startswith(_WHAT) else f"{_WHAT}: $.pickle.blob: {exc}"
+            raise ConfigError(message) from None
 
     def frame(self) -> bytes:
         """Decode the blob strictly and check its size and SHA-256 against the record.
@@ -287,7 +319,10 @@ def parse_config(config: Any, *, limits: Limits = DEFAULT_LIMITS) -> ConfigDocum
 
     Order: it is an object; ``format`` and ``version`` (a newer version is refused as such,
     before anything else is read); the member set; then each field, the pickle's size bound
-    before its base64 is decoded. A malformed signature is refused here, keys or not.
+    before its base64 is decoded, then the pickle blob itself (:meth:`ConfigPickle.check`:
+    digest, zstd frame, bounded decompression, a well-formed opcode stream; never
+    unpickled), as an archive's pickle member is checked by every load. A malformed
+    signature is refused here, keys or not.
 
     Args:
         config: the document (as ``json.loads`` or a message decoder gives it).
@@ -300,6 +335,7 @@ def parse_config(config: Any, *, limits: Limits = DEFAULT_LIMITS) -> ConfigDocum
         ConfigError: naming the field at fault (``config: $.seed: ...``).
         UnsupportedVersionError: ``version`` is not 1.
         LimitExceededError: the pickle blob is larger than the limits allow.
+        DigestMismatchError: the pickle blob's size or digest differs from its record.
     """
     if not isinstance(config, Mapping):
         raise ConfigError(f"{_WHAT}: expected a JSON object, got {type(config).__name__}")
@@ -333,6 +369,8 @@ def parse_config(config: Any, *, limits: Limits = DEFAULT_LIMITS) -> ConfigDocum
             raise field_error(_at("trainable"), "a name is listed twice")
     functions = Functions.from_dict(d["functions"], _at("functions"))
     pickle = None if d["pickle"] is None else _parse_pickle(d["pickle"], limits)
+    if pickle is not None:
+        pickle.check(limits)  # whether or not anything will be unpickled: one verdict
     pickled = [role for role, spec in functions.items() if spec.kind == "pickle"]
     if pickled and pickle is None:
         raise field_error(_at("pickle"), f"is null but {' and '.join(pickled)} is pickled")

@@ -44,6 +44,7 @@ from hkstore.store import (
     atomic_write,
     dtype_for_code,
     is_plain_global_reference,
+    open_regular,
     parse_json_strict,
     pickle_globals,
     write_archive,
@@ -68,6 +69,9 @@ CONFIG_NAME = "model_config.json"
 _STATE_PREFIX = "model_state_"
 _STATE_SUFFIX = ".mpk"
 _ROLES = ("model", "loss")
+#: numpy's limits on an array's rank and on one dimension.
+_MAX_NDIM = 64
+_MAX_DIM = 2**63 - 1
 #: declearn vector types whose ``dump`` is ``{name: np.ndarray}``.
 _VECTOR_TYPES = frozenset({"JaxNumpyVector", "NumpyVector"})
 
@@ -292,7 +296,13 @@ def decode_array(wire: Any, *, where: str) -> tuple[str, np.ndarray]:
     if not isinstance(raw, bytes):
         raise DeclearnFormatError(f"{where}: data is {type(raw).__name__}, expected bytes")
     if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
-        raise DeclearnFormatError(f"{where}: shape {shape!r} is not a list of sizes")
+        raise DeclearnFormatError(f"{where}: shape {str(shape)[:80]} is not a list of sizes")
+    if len(shape) > _MAX_NDIM or any(d > _MAX_DIM for d in shape):
+        # numpy (and so declearn) never writes these: refused here, not by numpy's reshape
+        raise DeclearnFormatError(
+            f"{where}: shape of {len(shape)} dimensions (at most {_MAX_NDIM}, each below "
+            f"2**63) is not an array numpy can hold"
+        )
     count = math.prod(shape)
     entry = _DTYPE_CODES.get(dtype_text) if isinstance(dtype_text, str) else None
     if entry is None:
@@ -312,10 +322,22 @@ def decode_array(wire: Any, *, where: str) -> tuple[str, np.ndarray]:
 
 
 def _read_bytes(path: Path, cap: int) -> bytes:
-    size = path.stat().st_size
-    if size > cap:
-        raise LimitExceededError(f"{path.name}: {size} bytes, more than the limit of {cap}")
-    return path.read_bytes()
+    """Read a whole input file: a regular file only (never a FIFO or a device), bounded."""
+    try:
+        fd = open_regular(path)
+    except ArchiveFormatError as exc:  # a folder, FIFO, device or socket
+        raise DeclearnFormatError(str(exc)) from None
+    try:
+        size = os.fstat(fd).st_size
+        if size > cap:
+            raise LimitExceededError(f"{path.name}: {size} bytes, more than the limit of {cap}")
+        with os.fdopen(fd, "rb", closefd=False) as handle:
+            data = handle.read(size + 1)  # one byte more: a file that grew is noticed
+    finally:
+        os.close(fd)
+    if len(data) > size:
+        raise DeclearnFormatError(f"{path.name}: the file changed while it was read")
+    return data
 
 
 @dataclass(frozen=True)
