@@ -7,6 +7,7 @@ Each verb is one short function below; the building blocks live in :mod:`hkstore
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -330,6 +331,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@functools.cache
+def _parser() -> argparse.ArgumentParser:
+    """The parser, built once per process (``main`` may run many times in one process)."""
+    return build_parser()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``hkstore`` with ``argv`` (default ``sys.argv[1:]``); return the exit status.
 
@@ -337,7 +344,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         >>> main(["verify", "round-3.hkz"])  # doctest: +SKIP
         0
     """
-    parser = build_parser()
+    parser = _parser()
     arguments = list(sys.argv[1:] if argv is None else argv)
     try:
         args = parser.parse_args(arguments)

@@ -64,7 +64,14 @@ def _check_classes(value: Any) -> list[Any]:
     try:
         return sorted(set(items))
     except TypeError:  # labels of mixed types: keep first-seen order, drop duplicates
+        pass
+    try:
         return list(dict.fromkeys(items))
+    except TypeError:  # a list or dict as a label: no set of labels can hold it
+        raise DataInfoError(
+            "data_info['classes']: labels must be hashable (strings, numbers, tuples), got "
+            f"{str(items)[:80]}"
+        ) from None
 
 
 _CHECKS = {

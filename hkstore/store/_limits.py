@@ -32,8 +32,8 @@ class Limits:
         max_total_bytes: the whole archive.
         max_functions_bytes: the function blob after decompression.
         max_pickle_ops: opcodes walked when a function blob is checked (hkstore walks every
-            pickle's opcodes, statically, before anything may unpickle it: about 1.2 s per
-            million opcodes here; a cloudpickle of a model and loss is a few thousand).
+            pickle's opcodes, statically, on every load: about 1.2 s per million opcodes
+            here; a cloudpickle of a model and loss is a few thousand).
         max_zstd_window_bytes: zstd decoder window.
     """
 
@@ -45,7 +45,7 @@ class Limits:
     max_member_bytes: int = 256 * _GiB
     max_total_bytes: int = 256 * _GiB
     max_functions_bytes: int = 256 * _MiB
-    max_pickle_ops: int = 1_000_000
+    max_pickle_ops: int = 250_000
     max_zstd_window_bytes: int = 128 * _MiB
 
 

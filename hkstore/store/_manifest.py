@@ -569,7 +569,8 @@ def _list_problems(
             and len(item) == 4
             and type(name := item.get("name")) is str
             and name
-            and item.get("dtype") in code_set
+            and type(dtype := item.get("dtype")) is str
+            and dtype in code_set
             and type(shape := item.get("shape")) is list
             and all(type(d) is int and d >= 0 for d in shape)
             and type(digest := item.get(algorithm := "sha256" if "sha256" in item else "blake3"))

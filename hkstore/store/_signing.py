@@ -400,7 +400,8 @@ class HmacKey:
         return f"HmacKey(key_id={self._key_id!r})"
 
 
-_SSH_KEY_PREFIXES = (b"ssh-", b"ecdsa-sha2-", b"sk-ssh-", b"sk-ecdsa-")
+#: An OpenSSH public key line: a key type, a space, base64 of the key blob (it starts "AAAA").
+_SSH_KEY_LINE = re.compile(rb"(?:\A|\s)(?:ssh|ecdsa-sha2|sk-ssh|sk-ecdsa)-[A-Za-z0-9@.-]+ AAAA")
 
 
 def _key_file_kind(data: bytes) -> str | None:
@@ -410,10 +411,9 @@ def _key_file_kind(data: bytes) -> str | None:
     private key meant for another algorithm, and taking its bytes as a secret would let
     whoever has the file sign.
     """
-    stripped = data.lstrip()
     if b"-----BEGIN " in data:
         return "a PEM key file (-----BEGIN ...-----)"
-    if stripped.startswith(_SSH_KEY_PREFIXES) or b" ssh-ed25519 " in data:
+    if _SSH_KEY_LINE.search(data):
         return "an OpenSSH public key line"
     return None
 
@@ -465,7 +465,7 @@ def _problems(obj: dict[str, Any]) -> list[str]:
     if "format" in obj and obj["format"] != SIGNATURE_FORMAT:
         problems.append(f"format is {obj['format']!r}, expected {SIGNATURE_FORMAT!r}")
     algorithm = obj.get("algorithm")
-    if "algorithm" in obj and algorithm not in ALGORITHMS:
+    if "algorithm" in obj and (type(algorithm) is not str or algorithm not in ALGORITHMS):
         expected = " or ".join(repr(a) for a in ALGORITHMS)
         problems.append(f"algorithm is {algorithm!r}, expected {expected}")
         algorithm = None
@@ -577,7 +577,7 @@ def sign_manifest(manifest_bytes: bytes | bytearray | memoryview, signer: Signer
         True
     """
     algorithm, key_id = signer.algorithm, signer.key_id
-    if algorithm not in ALGORITHMS:
+    if not isinstance(algorithm, str) or algorithm not in ALGORITHMS:
         expected = " or ".join(repr(a) for a in ALGORITHMS)
         raise InvalidKeyError(f"signer algorithm {algorithm!r} is not supported ({expected})")
     if not (

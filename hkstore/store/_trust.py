@@ -365,7 +365,7 @@ def _verifiers(keys: Any) -> tuple[Verifier, ...]:
                 f"Trust(keys=...)[{index}]: expected a key (Ed25519Verifier, HmacKey) or a key "
                 f"file path, got {type(key).__name__}"
             )
-        if algorithm not in ALGORITHMS:
+        if not isinstance(algorithm, str) or algorithm not in ALGORITHMS:
             raise TrustPolicyError(
                 f"Trust(keys=...)[{index}]: algorithm {algorithm!r} is not supported "
                 f"({' or '.join(repr(a) for a in ALGORITHMS)})"
