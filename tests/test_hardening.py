@@ -66,7 +66,7 @@ def test_non_regular_files_are_refused_at_once(kind: str, tmp_path: Path) -> Non
             print("refused:", exc)
     """, check=False)
     assert result.returncode == 0, result.stderr
-    assert "refused:" in result.stdout and "not an archive file" in result.stdout
+    assert "refused:" in result.stdout and "not a regular file" in result.stdout
 
 
 def test_a_file_truncated_under_a_reader_is_an_error_not_a_crash(tmp_path: Path) -> None:
@@ -191,6 +191,9 @@ def test_key_files_are_never_hmac_secrets(tmp_path: Path) -> None:
         assert result.returncode == 2 and "not a shared secret" in result.stderr
     with pytest.raises(InvalidKeyError, match="PEM key file"):
         HmacKey((tmp_path / "alice.pub").read_bytes())
+    os.mkfifo(tmp_path / "fifo")  # a key file that is a FIFO is refused, not waited on
+    with pytest.raises(InvalidKeyError, match="named pipe"):
+        load_hmac_key(tmp_path / "fifo")
     # control: random bytes (and text that merely mentions keys) are accepted secrets
     assert HmacKey(os.urandom(32)).algorithm == "hmac-sha256"
     assert HmacKey(b"a shared secret that mentions ssh-ed25519 keys").key_id

@@ -97,11 +97,12 @@ def test_every_change_is_refused_by_every_entry_point(tmp_path: Path, trust: Tru
     start = time.perf_counter()
     accepted: dict[str, list[str]] = {}
     count = 0
-    for what, data in variants(ARCHIVE):
-        count += 1
-        for entry, ok in entry_points(tmp_path / "a.hkz", data, trust).items():
-            if ok:
-                accepted.setdefault(entry, []).append(what)
+    with device_policy(gpu=False):
+        for what, data in variants(ARCHIVE):
+            count += 1
+            for entry, ok in entry_points(tmp_path / "a.hkz", data, trust).items():
+                if ok:
+                    accepted.setdefault(entry, []).append(what)
     elapsed = time.perf_counter() - start
     assert accepted == {}, {entry: whats[:5] for entry, whats in accepted.items()}
     assert count == 2 * len(ARCHIVE) * 1 + len(ARCHIVE) + 4  # every offset, both masks

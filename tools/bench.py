@@ -54,6 +54,10 @@ Cases (each skipped with a printed reason when its library or API is missing):
 ``--workers N`` passes ``workers=N`` to every hkstore call (default: hkstore's own default,
 every core the process may use); ``--workers 1`` shows what one thread does.
 
+``--hostile`` runs only the hostile-input costs (``tools/bench_hostile.py``): time and peak RSS
+to open or verify archives that fill the default limits with the shapes that used to cost
+minutes and gigabytes, for this checkout and, with ``--hostile-baseline DIR``, an older one.
+
 Once per run: ``hkstore.open_archive(path).manifest`` on a ~1 GB archive (``--inspect-mb``);
 ``hkstore inspect`` whole-process wall time (median of 5); ``Archive.verify()`` of that
 archive (every digest read and checked; median of 5, in GB/s of tensor data) and the
@@ -1390,6 +1394,27 @@ def pick_tmpdir(requested: str | None) -> Path:
     return Path(tempfile.gettempdir())
 
 
+def hostile(args: argparse.Namespace) -> int:
+    """``--hostile``: this checkout's costs on hostile archives (and a baseline's, if given)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import bench_hostile
+
+    reps = args.reps if args.reps is not None else 3
+    trees = {"after": Path(__file__).resolve().parents[1]}
+    if args.hostile_baseline is not None:
+        trees = {"before": args.hostile_baseline.resolve(), **trees}
+    report: dict[str, Any] = {"machine": machine_description(), "hostile": {}}
+    for label, tree in trees.items():
+        print(f"== hostile inputs, {label}")
+        result = bench_hostile.bench_hostile(tree, reps if label == "after" else 1, 600.0)
+        bench_hostile.print_results(result)
+        report["hostile"][label] = result
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=1, default=str) + "\n", encoding="utf-8")
+        print(f"wrote {args.json}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -1430,6 +1455,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-x64", action="store_true",
                    help="leave jax_enable_x64 on after importing declearn (declearn turns it "
                         "on process-wide; by default it is turned back off)")
+    p.add_argument("--hostile", action="store_true",
+                   help="only the hostile-input costs (tools/bench_hostile.py): time and peak "
+                        "RSS to open or verify archives that fill the default limits")
+    p.add_argument("--hostile-baseline", type=Path, default=None, metavar="DIR",
+                   help="with --hostile, also measure this hkstore checkout (the 'before')")
     p.add_argument("--rss-child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--rss-path", type=Path, default=None, help=argparse.SUPPRESS)
     p.add_argument("--rss-widths", default=None, help=argparse.SUPPRESS)
@@ -1438,6 +1468,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.hostile:
+        return hostile(args)
     if args.rss_child == "grad":
         return grad_rss_child(args.rss_widths)
     if args.rss_child:

@@ -67,7 +67,7 @@ def open_regular(path: str | os.PathLike[str]) -> int:
     try:
         problem = regular_file_problem(os.fstat(fd).st_mode)
         if problem is not None:
-            raise ContainerError(f"{os.fspath(path)}: is {problem}, not an archive file")
+            raise ContainerError(f"{os.fspath(path)}: is {problem}, not a regular file")
         if hasattr(os, "set_blocking"):
             os.set_blocking(fd, True)
     except BaseException:

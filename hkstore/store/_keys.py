@@ -27,8 +27,9 @@ import secrets
 from pathlib import Path
 from typing import Any
 
-from hkstore.errors import InvalidKeyError
+from hkstore.errors import ContainerError, InvalidKeyError
 from hkstore.store._atomic import fsync_folder
+from hkstore.store._fileio import open_regular
 from hkstore.store._signing import Ed25519Signer, Ed25519Verifier, HmacKey, require_cryptography
 
 __all__ = [
@@ -181,8 +182,15 @@ def _write_new_file(path: Path, data: bytes, *, mode: int) -> None:
 
 
 def _read_key_file(path: str | os.PathLike[str], what: str) -> bytes:
-    """Read a small key file, refusing anything larger than MAX_KEY_FILE_BYTES."""
-    with open(path, "rb") as handle:
+    """Read a small key file, refusing anything larger than MAX_KEY_FILE_BYTES.
+
+    Only a regular file is read (a FIFO or a device is refused at once, without blocking).
+    """
+    try:
+        fd = open_regular(path)
+    except ContainerError as exc:
+        raise InvalidKeyError(f"{exc} (expected {what})") from None
+    with os.fdopen(fd, "rb") as handle:
         size = os.fstat(handle.fileno()).st_size
         if size > MAX_KEY_FILE_BYTES:
             raise InvalidKeyError(
