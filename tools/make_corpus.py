@@ -301,6 +301,30 @@ def pack(members: dict[str, bytes], *, force_zip64: bool = False) -> bytes:
     return out.getvalue()
 
 
+def pack_as_signed_by_010(members: dict[str, bytes]) -> bytes:
+    """The container as hkstore 0.1.0's ``hkstore sign`` wrote it: ``functions.pkl.zst`` with
+    the 20-byte padding field of a streamed member (still accepted: FORMAT.md 2.5)."""
+    from hkstore.store import _container as c
+
+    out, infos, pos = b"", [], 0
+    for name in c.MEMBER_ORDER:
+        if name not in members:
+            continue
+        data = members[name]
+        crc = c.crc32(data)
+        streamed = name in ("weights.safetensors", "weights.safetensors.zst",
+                            "functions.pkl.zst")  # fmt: skip
+        extra = c._extra_length(name if name != "functions.pkl.zst" else
+                                "weights.safetensors.zst", pos, None if streamed else len(data),
+                                c._U32_MAX)  # fmt: skip
+        header = c._local_header(name, pos, len(data), crc, extra, c._U32_MAX)
+        infos.append(c.MemberInfo(name, pos, pos + len(header), len(data), crc))
+        out += header + data
+        pos = len(out)
+    central = b"".join(c._central_entry(info, c._U32_MAX) for info in infos)
+    return out + central + c._end_records(len(infos), pos, len(central), c._U32_MAX)
+
+
 def archive(
     parts: Parts | None = None,
     *,
@@ -469,6 +493,16 @@ def archive_cases() -> list[Case]:
     add("valid/pickle-approved", lambda: archive(with_pickle(BENIGN_PICKLE)), "loads",
         "an unsigned pickle whose digest the receiver approved", functions="archive",
         trust={"approved": ["self"], "allow_python_mismatch": True})
+    def resigned_by_010() -> bytes:
+        parts = with_pickle(BENIGN_PICKLE)
+        manifest = _canonical(parts.manifest())
+        return pack_as_signed_by_010({**parts.members(), "manifest.json": manifest,
+                                      "signature.json": sign_manifest(manifest, TRUSTED)})
+
+    add("valid/resigned-by-0.1.0", resigned_by_010, "loads",
+        "a pickle archive as hkstore 0.1.0's `hkstore sign` wrote it (20 bytes of padding "
+        "before the pickle): archives already out in the world keep verifying",
+        trust=REQUIRE)
     add("valid/pickle-signed-allowed", lambda: archive(with_pickle(BENIGN_PICKLE),
                                                        signer=TRUSTED),
         "loads", "a pickle signed by a trusted key, allow_pickle", functions="archive",

@@ -760,8 +760,8 @@ class Archive:
             ContainerError: a member's bytes no longer match its CRC-32, or the file shrank.
         """
         writer = ContainerWriter(dest)
-        chunk = bytearray(min(_COPY_CHUNK, max((i.size for i in self.members.values()),
-                                                default=0)))  # fmt: skip
+        largest = max((info.size for info in self.members.values()), default=1)
+        chunk = bytearray(max(1, min(_COPY_CHUNK, largest)))
         for name, info in self.members.items():
             if name in (SIGNATURE, MANIFEST):
                 continue

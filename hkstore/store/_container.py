@@ -52,11 +52,13 @@ from hkstore.store._fileio import BufferSource, ByteSource
 from hkstore.store._limits import DEFAULT_LIMITS, Limits
 from hkstore.store._members import (
     CRC_CHECKED,
+    FUNCTIONS,
     MANIFEST,
     MEMBER_LAYOUT,
     MEMBER_NAMES,
     MEMBER_ORDER,
     SIGNATURE,
+    WEIGHTS_ZSTD,
 )
 
 __all__ = [
@@ -166,6 +168,22 @@ def _extra_length(name: str, header_offset: int, size: int | None, zip64_at: int
     while 0 < pad < _PAD_MIN:  # a padding field needs at least its head and alignment value
         pad += align
     return fixed + pad
+
+
+def _extra_lengths(name: str, header_offset: int, size: int, zip64_at: int) -> tuple[int, ...]:
+    """The local extra lengths a reader accepts: the one encoding, and one older form.
+
+    hkstore 0.1.0's ``hkstore sign`` streamed ``functions.pkl.zst`` when it copied it, so the
+    archives it re-signed carry a 20-byte padding field (alignment 1) there: still accepted,
+    so that archives already out in the world keep verifying. (That padding's bytes are fixed
+    too: only its presence is a second choice, and no single-byte change can make it.)
+    """
+    canonical = _extra_length(name, header_offset, size, zip64_at)
+    if name == FUNCTIONS and size < zip64_at:
+        legacy = _extra_length(WEIGHTS_ZSTD, header_offset, None, zip64_at)  # 20, align 1
+        if legacy != canonical:
+            return canonical, legacy
+    return (canonical,)
 
 
 def _padding_field(total: int, align: int) -> bytes:
@@ -943,12 +961,15 @@ class _Reader:
             raise _fail([f"members are in the order {names}; the format's order is {order}"])
         problems: list[str] = []
         for info in members.values():
-            extra_len = _extra_length(info.name, info.header_offset, info.size, self._zip64_at)
-            want = _local_header(
-                info.name, info.header_offset, info.size, info.crc32, extra_len, self._zip64_at
-            )
             have = self._src.read(info.header_offset, info.data_offset - info.header_offset)
-            if have != want:
+            allowed = [
+                _local_header(info.name, info.header_offset, info.size, info.crc32, extra_len,
+                              self._zip64_at)
+                for extra_len in _extra_lengths(info.name, info.header_offset, info.size,
+                                                self._zip64_at)
+            ]  # fmt: skip
+            want = next((a for a in allowed if len(a) == len(have)), allowed[0])
+            if have not in allowed:
                 where = _member(info.name, info.header_offset, "local header")
                 problems += _differences(where, _LOCAL, _LOCAL_FIELDS, have, want)
         if problems:
