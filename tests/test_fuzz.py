@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 
 import fuzz
 
-EXAMPLES = 1200
+EXAMPLES = 2500
 HANG_SECONDS = 10.0
 TARGETS = fuzz.targets()
 

@@ -48,7 +48,7 @@ import os
 import re
 import sys
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -384,39 +384,50 @@ def _module_problem(name: str) -> str | None:
     return None
 
 
-def _approved(approved: Any) -> tuple[str, ...]:
-    """Validate ``Trust(approved=...)``: SHA-256 hex digests; duplicates dropped, order kept."""
-    if isinstance(approved, str | bytes) or not isinstance(approved, Iterable):
+def _checked_list(
+    values: Any, option: str, usage: str, check: Callable[[Any], tuple[str, str | None]]
+) -> tuple[str, ...]:
+    """Validate a ``Trust`` list option: ``check(value)`` gives ``(kept form, problem)``;
+    ``usage`` says what the list holds, for the message when it is no list at all.
+
+    Every problem is listed at once; duplicates are dropped, order is kept.
+    """
+    if isinstance(values, str | bytes) or not isinstance(values, Iterable):
         raise TrustPolicyError(
-            f"Trust(approved=...) takes a list of SHA-256 hex digests, got "
-            f"{type(approved).__name__} (for one digest write approved=[digest])"
+            f"Trust({option}=...) takes a list of {usage.format(type(values).__name__)}"
         )
     out: dict[str, None] = {}
     problems = []
-    for digest in approved:
-        text = digest.strip().lower() if isinstance(digest, str) else None
-        if text is None or not _SHA256_HEX.fullmatch(text):
-            problems.append(f"{digest!r} is not a SHA-256 digest (64 hex digits)")
+    for value in values:
+        kept, problem = check(value)
+        if problem is not None:
+            problems.append(f"{value!r} {problem}")
         else:
-            out.setdefault(text, None)
+            out.setdefault(kept, None)
     if problems:
-        raise TrustPolicyError("Trust(approved=...): " + "; ".join(problems))
+        raise TrustPolicyError(f"Trust({option}=...): " + "; ".join(problems))
     return tuple(out)
+
+
+def _approved(approved: Any) -> tuple[str, ...]:
+    """Validate ``Trust(approved=...)``: SHA-256 hex digests (any case, kept lower-case)."""
+
+    def check(digest: Any) -> tuple[str, str | None]:
+        text = digest.strip().lower() if isinstance(digest, str) else ""
+        if not _SHA256_HEX.fullmatch(text):
+            return text, "is not a SHA-256 digest (64 hex digits)"
+        return text, None
+
+    return _checked_list(approved, "approved", "SHA-256 hex digests, got {} (for one digest "
+                         "write approved=[digest])", check)  # fmt: skip
 
 
 def _modules(modules: Any, *, allow_stdlib: bool = False) -> tuple[str, ...]:
     """Validate ``Trust(modules=...)``; drop duplicates, keep order."""
-    if isinstance(modules, str | bytes) or not isinstance(modules, Iterable):
-        raise TrustPolicyError(
-            f"Trust(modules=...) takes a list of module names, got {type(modules).__name__}"
-            " (for one module write modules=['mypkg'])"
-        )
-    out: dict[str, None] = {}
-    problems = []
-    for name in modules:
+
+    def check(name: Any) -> tuple[str, str | None]:
         if not isinstance(name, str):
-            problems.append(f"{name!r} is not a module name ({type(name).__name__})")
-            continue
+            return "", f"is not a module name ({type(name).__name__})"
         problem = _module_problem(name)
         root = name.split(".")[0]
         if problem is None and root in REFUSED_MODULE_ROOTS:
@@ -430,10 +441,7 @@ def _modules(modules: Any, *, allow_stdlib: bool = False) -> tuple[str, ...]:
                 "standard functions start processes or run code; an archive would choose "
                 "which to call, with which arguments)"
             )
-        if problem is not None:
-            problems.append(f"{name!r} {problem}")
-        else:
-            out.setdefault(name, None)
-    if problems:
-        raise TrustPolicyError("Trust(modules=...): " + "; ".join(problems))
-    return tuple(out)
+        return name, problem
+
+    return _checked_list(modules, "modules", "module names, got {} (for one module write "
+                         "modules=['mypkg'])", check)  # fmt: skip
