@@ -31,6 +31,9 @@ run):
   (110 KB): JSON Schema's ``uniqueItems`` compares them pairwise.
 - ``header_empty_arrays`` (verify): a weights member whose safetensors header is
   ``{"__metadata__": {}, "x": [[], [], ...]}`` filling the header cap.
+- ``valid_100mb_open`` / ``valid_100mb_verify``: a valid 100 MB archive (25 tensors of 4 MB),
+  opened, and verified (every digest): the cost of reading with ``pread`` into owned buffers
+  instead of through a memory map.
 """
 
 from __future__ import annotations
@@ -182,10 +185,36 @@ def build_cases(work: Path, limits: dict[str, int]) -> dict[str, tuple[Path, str
     path = work / "header_empty_arrays.hkz"
     _archive(path, header, manifest)
     out["header_empty_arrays"] = (path, "verify")
+    # a valid 100 MB archive: what reading with pread into owned buffers costs against the
+    # memory map of before (the same file for both trees)
+    big = work / "valid_100mb.hkz"
+    _valid_archive(big)
+    out["valid_100mb_open"] = (big, "open")
+    out["valid_100mb_verify"] = (big, "verify")
     small = work / "small.hkz"
     _archive(small, empty_weights, _canonical(base))
     out["_warm"] = (small, "open")
     return out
+
+
+def _valid_archive(path: Path) -> None:
+    sys.path.insert(0, str(REPO))
+    import numpy as np
+
+    from hkstore.store._archive import ArchiveContent, write_archive
+    from hkstore.store._weights import TensorSpec
+
+    rng = np.random.default_rng(0)
+    arrays = {f"layer_{i:02d}:w": rng.standard_normal((1024, 1024)).astype("f4")
+              for i in range(25)}  # fmt: skip
+    content = ArchiveContent(
+        specs=[TensorSpec(name, "F32", (1024, 1024)) for name in arrays],
+        fetch=arrays.__getitem__, trainable=list(arrays),
+        data_info={"data_type": "float32", "features_shape": [1024]}, seed=0,
+        functions={"model": {"kind": "none"}, "loss": {"kind": "none"}},
+    )  # fmt: skip
+    with open(path, "wb") as handle:
+        write_archive(handle, content)
 
 
 def run_case(tree: Path, path: Path, warm: Path, op: str, timeout: float) -> dict[str, Any]:
