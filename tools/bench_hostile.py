@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib.util
 import json
 import statistics
 import subprocess
@@ -135,8 +136,14 @@ def _weights(header_obj: dict[str, Any] | None = None, raw: bytes | None = None)
     return len(body).to_bytes(8, "little") + body
 
 
+def _importable() -> None:
+    """Make this checkout's hkstore importable when no hkstore is installed."""
+    if importlib.util.find_spec("hkstore") is None:
+        sys.path.append(str(REPO))
+
+
 def _archive(path: Path, weights: bytes, manifest: bytes) -> None:
-    sys.path.insert(0, str(REPO))
+    _importable()
     from hkstore.store._container import ContainerWriter
 
     with open(path, "wb") as f:
@@ -198,7 +205,7 @@ def build_cases(work: Path, limits: dict[str, int]) -> dict[str, tuple[Path, str
 
 
 def _valid_archive(path: Path) -> None:
-    sys.path.insert(0, str(REPO))
+    _importable()
     import numpy as np
 
     from hkstore.store._archive import ArchiveContent, write_archive

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import importlib.util
 import json
 import random
 import sys
@@ -42,9 +43,10 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-for _path in (REPO, REPO / "tools"):
-    if str(_path) not in sys.path:
-        sys.path.insert(0, str(_path))
+if str(REPO / "tools") not in sys.path:
+    sys.path.insert(0, str(REPO / "tools"))
+if importlib.util.find_spec("hkstore") is None:  # run from a checkout without an install
+    sys.path.append(str(REPO))
 
 import make_corpus as corpus  # noqa: E402
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib.util
 import json
 import os
 import random
@@ -44,7 +45,7 @@ TEMP_GLOB = ".*.hkstore-tmp"
 #: The model of the trials: 4 features -> 1024 -> 1024 -> 3 (about 1.1 M float32, 4 MB).
 _MODEL = """
 import haiku as hk, jax, sys
-sys.path[:0] = [{repo!r}, {tests!r}]
+sys.path.append({tests!r})
 import hkstore
 from helpers_models import mse_loss
 
@@ -63,8 +64,12 @@ def _python(code: str) -> list[str]:
 
 
 def _env() -> dict[str, str]:
-    return dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join(
-        [str(REPO), str(REPO / "tests")]))
+    """Children import the test helpers, and hkstore from this checkout unless the suite runs
+    against an installed hkstore (``HKSTORE_TEST_INSTALLED=1``, as ``tools/wheel_check.py``
+    sets)."""
+    installed = os.environ.get("HKSTORE_TEST_INSTALLED") == "1"
+    paths = ([] if installed else [str(REPO)]) + [str(REPO / "tests")]
+    return dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join(paths))
 
 
 def _sha(path: Path) -> str | None:
@@ -95,7 +100,7 @@ def _setup(kind: str, folder: Path) -> tuple[Path, str, str, list[str], Any]:
     if kind == "sign":  # no jax needed: an archive of numpy arrays, written by the store
         code = f"""
 import sys
-sys.path[:0] = [{str(REPO)!r}, {str(REPO / "tests")!r}]
+sys.path.append({str(REPO / "tests")!r})
 import numpy as np
 from helpers_archives import write_test_archive
 from hkstore.store import generate_ed25519_keypair
@@ -120,14 +125,14 @@ sys.exit(main(["sign", {str(path)!r}, "--key", {str(key) + ".key"!r}]))
 """)
         verify = ["--key", f"{key}.pub", "--require-signature"]
     else:
-        code = _MODEL.format(repo=str(REPO), tests=str(REPO / "tests")) + f"""
+        code = _MODEL.format(tests=str(REPO / "tests")) + f"""
 hkstore.save(make(1), {str(path)!r}, functions="none")
 hkstore.save(make(2), {str(folder / "new.hkz")!r}, functions="none")
 """
         subprocess.run(_python(code), env=_env(), check=True, timeout=300)
         old, new = _sha(path), _sha(folder / "new.hkz")
         (folder / "new.hkz").unlink()
-        child = _python(_MODEL.format(repo=str(REPO), tests=str(REPO / "tests")) + f"""
+        child = _python(_MODEL.format(tests=str(REPO / "tests")) + f"""
 model = make(2)
 print("ready", flush=True)
 hkstore.save(model, {str(path)!r}, functions="none")
@@ -150,7 +155,8 @@ def _start(child: list[str]) -> subprocess.Popen[str]:
 
 
 def _check_and_clean(path: Path, old: str, new: str, verify: list[str], out: Outcome) -> None:
-    sys.path.insert(0, str(REPO))
+    if importlib.util.find_spec("hkstore") is None:
+        sys.path.append(str(REPO))
     from hkstore.store import atomic_write
 
     folder = path.parent

@@ -28,6 +28,7 @@ import argparse
 import base64
 import filecmp
 import hashlib
+import importlib.util
 import io
 import json
 import shutil
@@ -40,8 +41,8 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+if importlib.util.find_spec("hkstore") is None:  # run from a checkout without an install
+    sys.path.append(str(REPO))
 
 from hkstore.store._container import ContainerWriter, read_container  # noqa: E402
 from hkstore.store._signing import Ed25519Signer, HmacKey, sign_manifest  # noqa: E402
