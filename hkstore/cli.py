@@ -54,8 +54,9 @@ exit status:
   1  a check failed: the input was read and fails the container, manifest, limits,
      digest or signature checks (a file that is not an archive at all included), or, for
      convert-declearn, holds code that is refused
-  2  usage error, or input that cannot be judged: missing or unreadable file, a folder,
-     FIFO or device, a key file that does not load, a newer format version
+  2  usage error, or input that cannot be judged: missing or unreadable file, a folder
+     that is not a checkpoint directory, a FIFO or device, a key file that does not load,
+     a newer format version
   3  internal error (a bug in hkstore; never a verdict on the input)
 """
 
@@ -133,9 +134,9 @@ def _is_folder(args: argparse.Namespace) -> bool:
     from hkstore._cli._checkpoint import is_checkpoint_path
 
     if is_checkpoint_path(args.archive):
-        if _code_check(args) or args.allow_stdlib:
+        if _code_check(args) or args.allow_stdlib or args.allow_python_mismatch:
             raise UsageError(f"{args.archive}: --functions, --approve, --allow-module, "
-                             "--allow-stdlib and --allow-pickle "
+                             "--allow-stdlib, --allow-pickle and --allow-python-mismatch "
                              "apply to an archive, not a checkpoint directory")
         return True
     if args.round is not None:
