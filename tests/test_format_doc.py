@@ -169,7 +169,7 @@ def test_checkpoint_worked_example_is_exact() -> None:
     weights = bytes.fromhex("".join(_example("weights-hex").decode("ascii").split()))
     out = io.BytesIO()
     writer = ContainerWriter(out)
-    stream = writer.begin_member("weights.safetensors", align=64)
+    stream = writer.begin_member("weights.safetensors")
     stream.write(weights)
     stream.finish()
     writer.add_member("manifest.json", manifest_bytes)
