@@ -42,12 +42,15 @@ from typing import Any, BinaryIO
 
 from hkstore.errors import (
     CheckpointExistsError,
+    CheckpointFormatError,
     CheckpointLockedError,
     CheckpointNotFoundError,
     CheckpointWriteError,
+    ContainerError,
     LimitExceededError,
 )
 from hkstore.store._atomic import atomic_write, fsync_folder
+from hkstore.store._fileio import open_regular
 
 __all__ = [
     "HISTORY_FOLDER",
@@ -220,7 +223,7 @@ class RoundDirectory:
         """
         path = self.member_path(round_, member)
         try:
-            with open(path, "rb") as handle:
+            with os.fdopen(open_regular(path), "rb") as handle:
                 size = os.fstat(handle.fileno()).st_size
                 if size > max_bytes:
                     raise LimitExceededError(
@@ -229,13 +232,16 @@ class RoundDirectory:
                 return handle.read(max_bytes + 1)
         except (FileNotFoundError, NotADirectoryError):
             raise CheckpointNotFoundError(f"{path}: no such file") from None
+        except ContainerError as exc:  # a FIFO, device or folder: never opened for reading
+            raise CheckpointFormatError(str(exc)) from None
 
     def read_history(self, round_: int) -> bytes | None:
         """One round's history document, or ``None`` (missing, unreadable or oversized)."""
         try:
-            with open(self.path / HISTORY_FOLDER / f"{round_:08d}.json", "rb") as handle:
+            with os.fdopen(open_regular(self.path / HISTORY_FOLDER / f"{round_:08d}.json"),
+                           "rb") as handle:
                 data = handle.read(_MAX_HISTORY_BYTES + 1)
-        except OSError:
+        except (OSError, ContainerError):  # ContainerError: not a regular file
             return None
         return data if len(data) <= _MAX_HISTORY_BYTES else None
 
@@ -252,9 +258,9 @@ class RoundDirectory:
             if match is None or f"{int(match.group(1)):08d}.json" != entry.name:
                 continue
             try:
-                with open(entry.path, "rb") as handle:
+                with os.fdopen(open_regular(entry.path), "rb") as handle:
                     data = handle.read(_MAX_HISTORY_BYTES + 1)
-            except OSError:
+            except (OSError, ContainerError):  # ContainerError: not a regular file
                 continue
             if len(data) <= _MAX_HISTORY_BYTES:
                 out[int(match.group(1))] = data
@@ -553,8 +559,8 @@ class WriterLock:
         import fcntl
 
         try:
-            fd = os.open(folder / LOCK_FILE, os.O_RDONLY | os.O_CLOEXEC)
-        except OSError:
+            fd = open_regular(folder / LOCK_FILE)
+        except (OSError, ContainerError):  # ContainerError: not a regular file
             return None
         try:
             try:

@@ -35,12 +35,18 @@ from hkstore.errors import (
     SignatureError,
     UnsupportedVersionError,
 )
-from hkstore.store._canonical import canonical_json, json_path, parse_json_strict
+from hkstore.store._canonical import (
+    canonical_json,
+    encode_parsed,
+    json_path,
+    parse_json_strict,
+)
 from hkstore.store._limits import DEFAULT_LIMITS, Limits
+from hkstore.store._manifest import tensor_list_problems
 from hkstore.store._records import Document, TensorRecord
 from hkstore.store._retention import Retention
 from hkstore.store._round_dir import MODEL_MEMBER, STATE_MEMBER
-from hkstore.store._schema import validate
+from hkstore.store._schema import raise_problems, schema_problems, validate
 from hkstore.store._signing import ALGORITHMS, Signer, verify_with
 from hkstore.store._trust import Trust
 
@@ -250,11 +256,21 @@ def build_history(round_: int, time: str, metrics: Mapping[str, Any]) -> bytes:
 
 
 def _parse_document(
-    data: bytes, *, what: str, fmt: str, schema: str, max_bytes: int
-) -> dict[str, Any]:
-    """Strict JSON, then format and version (before anything else), canonical bytes, schema."""
+    data: bytes,
+    *,
+    what: str,
+    fmt: str,
+    schema: str,
+    max_bytes: int,
+    max_values: int = DEFAULT_LIMITS.max_json_values,
+) -> tuple[dict[str, Any], tuple[TensorRecord, ...] | None]:
+    """Strict JSON, then format and version (before anything else), canonical bytes, schema.
+
+    Returns:
+        The document, and the records of ``$.state.tensors`` (``None`` when it has none).
+    """
     document = parse_json_strict(data, what=what, max_bytes=max_bytes,
-                                 error=CheckpointFormatError)
+                                 error=CheckpointFormatError, max_values=max_values)
     if document.get("format") != fmt:
         raise CheckpointFormatError(
             f"{what}: $.format is {str(document.get('format'))[:60]!r}; expected {fmt!r}"
@@ -267,20 +283,27 @@ def _parse_document(
                 f"{ROUND_VERSION})"
             )
         raise CheckpointFormatError(f"{what}: $.version is {str(version)[:40]!r}; expected 1")
-    if canonical_json(document, what=what) != bytes(data):
+    if encode_parsed(document, what=what, error=CheckpointFormatError) != bytes(data):
         raise CheckpointFormatError(
             f"{what}: not canonical JSON (sorted keys, no whitespace, shortest number forms)"
         )
     state = document.get("state")
-    if isinstance(state, dict) and "structure" in state:
-        # The state's tree is checked node by node by _check_node (same rules as the schema's
-        # $defs/node): through jsonschema's if/then it cost ~0.3 ms per node, seconds for the
-        # optimizer state of a model with a few thousand tensors.
-        skeleton = {**document, "state": {**state, "structure": _PLACEHOLDER}}
-        validate(skeleton, schema=schema, what=what, error=CheckpointFormatError)
-    else:
+    if not isinstance(state, dict):
         validate(document, schema=schema, what=what, error=CheckpointFormatError)
-    return document
+        return document, None
+    # The state's tree is checked node by node by _check_node (same rules as the schema's
+    # $defs/node): through jsonschema's if/then it cost ~0.3 ms per node, seconds for the
+    # optimizer state of a model with a few thousand tensors. Its tensor list is checked in
+    # one pass by tensor_list_problems (jsonschema: ~100 us an entry, 11 s for 100,000).
+    skeleton_state = dict(state)
+    if "structure" in state:
+        skeleton_state["structure"] = _PLACEHOLDER
+    if isinstance(state.get("tensors"), list):
+        skeleton_state["tensors"] = []
+    problems = schema_problems({**document, "state": skeleton_state}, schema=schema)
+    records, tensor_problems = tensor_list_problems(state.get("tensors"), ["state", "tensors"])
+    raise_problems(problems + tensor_problems, what=what, error=CheckpointFormatError)
+    return document, records
 
 
 def parse_record(
@@ -311,8 +334,9 @@ def parse_record(
         UnsupportedVersionError: another record version.
         LimitExceededError: the record or its tensor list is larger than ``limits`` allow.
     """
-    d = _parse_document(data, what=where, fmt=ROUND_FORMAT, schema=ROUND_SCHEMA,
-                        max_bytes=limits.max_manifest_bytes)
+    d, tensors = _parse_document(data, what=where, fmt=ROUND_FORMAT, schema=ROUND_SCHEMA,
+                                 max_bytes=limits.max_manifest_bytes,
+                                 max_values=limits.max_json_values)
     problems: list[str] = []
     if expected_round is not None and d["round"] != expected_round:
         problems.append(f"$.round is {d['round']}, but the folder is round {expected_round}")
@@ -320,7 +344,7 @@ def parse_record(
         problems.append(f"$.time {d['time'][:40]!r} is not UTC ISO 8601 with microseconds")
     state = None
     if d["state"] is not None:
-        state = _parse_state(d["state"], where, limits, problems)
+        state = _parse_state(d["state"], tensors, where, limits, problems)
     signature = None
     if d["signature"] is not None:
         signature = _parse_signature(d["signature"], problems)
@@ -340,23 +364,29 @@ def parse_record(
         retention=Retention.from_dict(d["retention"]),
         signature=signature,
         where=where,
-        payload=ROUND_SIGNATURE_CONTEXT + canonical_json(unsigned, what=where),
+        payload=ROUND_SIGNATURE_CONTEXT
+        + encode_parsed(unsigned, what=where, error=CheckpointFormatError),
     )
 
 
 def _parse_state(
-    value: dict[str, Any], where: str, limits: Limits, problems: list[str]
+    value: dict[str, Any],
+    tensors: tuple[TensorRecord, ...] | None,
+    where: str,
+    limits: Limits,
+    problems: list[str],
 ) -> StateRecord:
-    listed = value["tensors"]
-    if len(listed) > limits.max_tensors:
+    """``$.state`` of a record whose schema checks passed (``tensors``: its parsed entries,
+    ``None`` when one is one the schema accepts but a record does not, e.g. a shape of 2.0)."""
+    if tensors is None:  # the slow path, field by field: raises naming the entry at fault
+        document = Document(where, CheckpointFormatError)
+        tensors = tuple(TensorRecord.from_dict(t, [document, "state", "tensors", i])
+                        for i, t in enumerate(value["tensors"]))
+    if len(tensors) > limits.max_tensors:
         raise LimitExceededError(
-            f"{where}: $.state.tensors lists {len(listed)} tensors, more than the limit of "
+            f"{where}: $.state.tensors lists {len(tensors)} tensors, more than the limit of "
             f"{limits.max_tensors}"
         )
-    document = Document(where, CheckpointFormatError)
-    tensors = tuple(
-        TensorRecord.from_dict(t, [document, "state", "tensors", i]) for i, t in enumerate(listed)
-    )
     names: dict[str, int] = {}
     for t in tensors:
         if t.name in names:
@@ -498,8 +528,8 @@ def parse_history(data: bytes, *, where: str, expected_round: int | None = None)
         CheckpointFormatError: naming the field at fault (or a round other than its name's).
         UnsupportedVersionError: another version.
     """
-    d = _parse_document(data, what=where, fmt=HISTORY_FORMAT, schema=HISTORY_SCHEMA,
-                        max_bytes=1 << 20)
+    d, _ = _parse_document(data, what=where, fmt=HISTORY_FORMAT, schema=HISTORY_SCHEMA,
+                           max_bytes=1 << 20)
     if expected_round is not None and d["round"] != expected_round:
         raise CheckpointFormatError(
             f"{where}: $.round is {d['round']}, but the file is for round {expected_round}"

@@ -23,12 +23,14 @@ from typing import TYPE_CHECKING, Any
 from hkstore.errors import (
     CheckpointFormatError,
     CheckpointNotFoundError,
+    ContainerError,
     DigestMismatchError,
     HkstoreError,
     WeightsFormatError,
 )
 from hkstore.store._archive import Archive, ArchiveContent, open_archive, write_archive
 from hkstore.store._canonical import canonical_json
+from hkstore.store._fileio import open_regular
 from hkstore.store._limits import DEFAULT_LIMITS, Limits
 from hkstore.store._retention import Retention
 from hkstore.store._round_dir import (
@@ -274,9 +276,11 @@ class Round:
         if state is None:
             raise CheckpointFormatError(f"{self.record.where}: the round has no state")
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            fd = open_regular(path)
         except FileNotFoundError:
             raise CheckpointFormatError(f"{path}: missing (the record lists it)") from None
+        except ContainerError as exc:  # a FIFO, device or folder: never opened for reading
+            raise CheckpointFormatError(str(exc)) from None
         try:
             size = os.fstat(fd).st_size
             if size != state.size:
