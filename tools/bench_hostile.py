@@ -2,7 +2,7 @@
 
 Usage::
 
-    python tools/bench_hostile.py [--tree DIR] [--reps N] [--json FILE]
+    python tools/bench_hostile.py [--tree DIR] [--reps N] [--json FILE] [--cases PREFIX,...]
     python tools/bench.py --hostile ...            (the same, from the main benchmark)
 
 Each case is an archive built to fill a limit of the hkstore under test at its *default*
@@ -31,6 +31,11 @@ run):
   (110 KB): JSON Schema's ``uniqueItems`` compares them pairwise.
 - ``header_empty_arrays`` (verify): a weights member whose safetensors header is
   ``{"__metadata__": {}, "x": [[], [], ...]}`` filling the header cap.
+- ``record_state_tensors`` (parse): a checkpoint round record (FORMAT.md 13.3) listing
+  ``max_tensors`` state tensors (or as many as the cap holds), each referenced by a tensor
+  node; ``record_nodes_at_value_limit``: a state tree of ``{"type": "json", "value": null}``
+  nodes, as many as ``max_json_values`` allows. Parsed with ``parse_record`` (a tree without
+  checkpoints reports the import error).
 - ``valid_100mb_open`` / ``valid_100mb_verify``: a valid 100 MB archive (25 tensors of 4 MB),
   opened, and verified (every digest): the cost of reading with ``pread`` into owned buffers
   instead of through a memory map.
@@ -65,8 +70,12 @@ def status(key):
                 return int(line.split()[1]) * 1024
     return 0
 
-with open_archive(sys.argv[3]) as warm:
-    warm.verify()
+if sys.argv[4] == "record":  # a checkpoint round record (FORMAT.md 13.3)
+    from hkstore.store._round_record import parse_record
+    parse_record(open(sys.argv[3], "rb").read(), where="round.json")
+else:
+    with open_archive(sys.argv[3]) as warm:
+        warm.verify()
 try:
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
@@ -76,9 +85,12 @@ base = status("VmRSS")
 t0 = time.perf_counter()
 outcome = "ok"
 try:
-    with open_archive(sys.argv[2]) as archive:
-        if sys.argv[4] == "verify":
-            archive.verify()
+    if sys.argv[4] == "record":
+        parse_record(open(sys.argv[2], "rb").read(), where="round.json")
+    else:
+        with open_archive(sys.argv[2]) as archive:
+            if sys.argv[4] == "verify":
+                archive.verify()
 except Exception as exc:
     outcome = type(exc).__name__
 elapsed = time.perf_counter() - t0
@@ -198,9 +210,47 @@ def build_cases(work: Path, limits: dict[str, int]) -> dict[str, tuple[Path, str
     _valid_archive(big)
     out["valid_100mb_open"] = (big, "open")
     out["valid_100mb_verify"] = (big, "verify")
+    out.update(_record_cases(work, limits))
     small = work / "small.hkz"
     _archive(small, empty_weights, _canonical(base))
     out["_warm"] = (small, "open")
+    return out
+
+
+def _record(state: dict[str, Any] | None) -> dict[str, Any]:
+    return {"format": "hkstore-checkpoint-round", "version": 1, "round": 1,
+            "time": "2026-01-01T00:00:00.000000Z", "metrics": {},
+            "model": {"member": "model.hkz", "size": 1, "manifest_sha256": H0},
+            "state": state, "retention": {"keep_best": None, "keep_every": None,
+                                          "keep_last": None},
+            "signature": None}  # fmt: skip
+
+
+def _record_cases(work: Path, limits: dict[str, int]) -> dict[str, tuple[Path, str]]:
+    """Checkpoint round records (``round.json``) at the defaults: the most state tensors
+    (``max_tensors``, or what the cap holds), and the largest tree of state nodes that
+    ``max_json_values`` lets through."""
+    cap = limits["max_manifest_bytes"]
+    entry = {"dtype": "F32", "name": "opt/mu/layer_000000:w", "sha256": H0, "shape": [1]}
+    node = {"array": "numpy", "name": "opt/mu/layer_000000:w", "type": "tensor"}
+    per = len(_canonical(entry)) + len(_canonical(node)) + 2
+    count = min(limits["max_tensors"], cap // per - 10)
+    names = [f"opt/mu/layer_{i:06d}:w" for i in range(count)]
+    tensors = {
+        "member": "state.safetensors", "size": 8, "header_sha256": H0,
+        "tensors": [dict(entry, name=n) for n in names],
+        "structure": {"type": "list", "items": [dict(node, name=n) for n in names]},
+    }  # fmt: skip
+    nodes = (limits.get("max_json_values", 10**9) - 200) // 3
+    nodes = min(nodes, (cap - 1000) // len(b'{"type":"json","value":null},'))
+    tree = {"member": "state.safetensors", "size": 8, "header_sha256": H0, "tensors": [],
+            "structure": {"type": "list", "items": [{"type": "json", "value": None}] * nodes}}
+    out = {}
+    for name, state in (("record_state_tensors", tensors), ("record_nodes_at_value_limit", tree),
+                        ("_warm_record", None)):
+        path = work / f"{name}.json"
+        path.write_bytes(_canonical(_record(state)))
+        out[name] = (path, "record")
     return out
 
 
@@ -239,15 +289,22 @@ def run_case(tree: Path, path: Path, warm: Path, op: str, timeout: float) -> dic
     return result
 
 
-def bench_hostile(tree: Path, reps: int, timeout: float) -> dict[str, Any]:
-    """Run every case ``reps`` times against ``tree``; medians, spread and outcomes."""
+def bench_hostile(
+    tree: Path, reps: int, timeout: float, only: tuple[str, ...] = ()
+) -> dict[str, Any]:
+    """Run every case (or those named ``only*``) ``reps`` times against ``tree``; medians,
+    spread and outcomes."""
     limits = _limits(tree)
     results: dict[str, Any] = {"tree": str(tree), "limits": limits, "cases": {}}
     with tempfile.TemporaryDirectory(prefix="hkstore-hostile-") as tmp:
         cases = build_cases(Path(tmp), limits)
         warm = cases.pop("_warm")[0]
+        warm_record = cases.pop("_warm_record")[0]
         for name, (path, op) in cases.items():
-            runs = [run_case(tree, path, warm, op, timeout) for _ in range(reps)]
+            if only and not name.startswith(only):
+                continue
+            first = warm_record if op == "record" else warm
+            runs = [run_case(tree, path, first, op, timeout) for _ in range(reps)]
             seconds = [r["seconds"] for r in runs if r["seconds"] is not None]
             peaks = [r["peak_bytes"] for r in runs if r["peak_bytes"] is not None]
             results["cases"][name] = {
@@ -282,8 +339,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reps", type=int, default=3, help="children per case (default 3)")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds per child")
     p.add_argument("--json", type=Path, default=None, help="write the figures to FILE")
+    p.add_argument("--cases", default="", metavar="PREFIX,...",
+                   help="only the cases whose names start with one of these (e.g. record_)")
     args = p.parse_args(argv)
-    results = bench_hostile(args.tree.resolve(), args.reps, args.timeout)
+    only = tuple(filter(None, args.cases.split(",")))
+    results = bench_hostile(args.tree.resolve(), args.reps, args.timeout, only)
     print_results(results)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
