@@ -4,7 +4,8 @@ A child process limits its address space (``resource.setrlimit(RLIMIT_AS)``) to 
 store needs plus ``BUDGET`` and opens, then verifies, each hostile archive: manifests and a
 safetensors header built to fill the default caps with the shapes that used to cost minutes
 and gigabytes (``tools/bench_hostile.py``: 6.3 GiB and two to six minutes each at 64 MiB
-before), and the corpus's small archives that claim huge sizes. Each must end in ``ok`` or an
+before), the corpus's small archives that claim huge sizes, and checkpoint round records at
+the defaults (parsed). Each must end in ``ok`` or an
 ``HkstoreError`` (a ``MemoryError`` under the limit would be a failure), within ``SECONDS``
 (generous: a loaded CI machine; they take well under two seconds here). The measured figures
 are in ``tools/bench.py --hostile`` and SECURITY.md.
@@ -37,6 +38,7 @@ _CHILD = r"""
 import json, resource, sys, time
 from hkstore.errors import HkstoreError
 from hkstore.store import open_archive
+from hkstore.store._round_record import parse_record
 
 def peak():
     with open("/proc/self/status") as f:
@@ -49,8 +51,11 @@ results = {}
 for path in sys.argv[2:]:
     start = time.perf_counter()
     try:
-        with open_archive(path) as archive:
-            archive.verify()
+        if path.endswith(".json"):  # a checkpoint round record
+            parse_record(open(path, "rb").read(), where=path)
+        else:
+            with open_archive(path) as archive:
+                archive.verify()
         outcome = "ok"
     except HkstoreError as exc:
         outcome = type(exc).__name__
@@ -64,6 +69,7 @@ print(json.dumps(results))
 def test_hostile_archives_cost_bounded_time_and_memory(tmp_path: Path) -> None:
     cases = bench_hostile.build_cases(tmp_path, dataclasses.asdict(DEFAULT_LIMITS))
     cases.pop("_warm")
+    cases.pop("_warm_record")
     paths = [str(path) for path, _ in cases.values()]
     paths += [str(CORPUS / name) for name in CORPUS_CASES]
     done = subprocess.run([sys.executable, "-c", _CHILD, str(BUDGET), *paths],
@@ -77,3 +83,6 @@ def test_hostile_archives_cost_bounded_time_and_memory(tmp_path: Path) -> None:
     assert not [name for name, (_, seconds) in report.items() if seconds > SECONDS], report
     # the manifest of 100,000 valid tensors (the default max_tensors) is read, not refused
     assert report["manifest_tensors.hkz"][0] in ("ok", "WeightsFormatError"), report
+    # checkpoint round records at the defaults are read, not refused
+    assert report["record_state_tensors.json"][0] == "ok", report
+    assert report["record_nodes_at_value_limit.json"][0] == "ok", report
