@@ -368,7 +368,8 @@ _VALUES = [None, True, 0, -1, 1.0, 2.5, "", "x", "F32", "0" * 64, "A" * 64, [], 
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.integers(0, 3), st.sampled_from(["name", "dtype", "shape", "sha256", "extra", None]),
+@given(st.integers(0, 3), st.sampled_from(["name", "dtype", "shape", "sha256", "blake3",
+                                           "swap", "extra", None]),
        st.sampled_from(_VALUES), st.sampled_from([None, 0, 1, "x"]))
 def test_one_pass_list_checks_agree_with_json_schema(
     index: int, key: str | None, value: Any, trainable_edit: Any
@@ -381,6 +382,9 @@ def test_one_pass_list_checks_agree_with_json_schema(
         tensors[index] = value
     elif key == "extra":
         tensors[index]["extra"] = value
+    elif key == "swap":  # the digest under the other algorithm's key
+        old = "sha256" if "sha256" in tensors[index] else "blake3"
+        tensors[index]["blake3" if old == "sha256" else "sha256"] = tensors[index].pop(old)
     else:
         tensors[index][key] = value
     if trainable_edit == "x":
@@ -400,7 +404,8 @@ def test_one_pass_list_checks_agree_with_json_schema(
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.integers(0, 1), st.sampled_from(["name", "dtype", "shape", "sha256", "extra", None]),
+@given(st.integers(0, 1), st.sampled_from(["name", "dtype", "shape", "sha256", "blake3",
+                                           "swap", "extra", None]),
        st.sampled_from(_VALUES))
 def test_a_round_records_tensor_list_checks_agree_with_json_schema(
     index: int, key: str | None, value: Any
@@ -427,6 +432,9 @@ def test_a_round_records_tensor_list_checks_agree_with_json_schema(
         tensors[index] = value
     elif key == "extra":
         tensors[index]["extra"] = value
+    elif key == "swap":  # the digest under the other algorithm's key
+        old = "sha256" if "sha256" in tensors[index] else "blake3"
+        tensors[index]["blake3" if old == "sha256" else "sha256"] = tensors[index].pop(old)
     else:
         tensors[index][key] = value
     schema_ok = not schema_problems(document, schema=ROUND_SCHEMA)

@@ -578,7 +578,7 @@ def _list_problems(
 
 
 def tensor_list_problems(
-    tensors: Any, path: list[str | int]
+    tensors: Any, path: list[str | int], algorithms: tuple[str, ...] = DIGEST_ALGORITHMS
 ) -> tuple[tuple[TensorRecord, ...] | None, list[Problem]]:
     """The schema rules of a list of tensor entries (``TensorJSON``), in one pass.
 
@@ -590,6 +590,8 @@ def tensor_list_problems(
     Args:
         tensors: the list, as parsed.
         path: where it is in its document (for messages), e.g. ``["tensors"]``.
+        algorithms: the digest keys an entry may use (exactly one of them): the manifest's
+            digest table, or only ``("sha256",)`` for a checkpoint round's state.
 
     Returns:
         ``(records, problems)``: the records when every entry is well-formed (else ``None``),
@@ -622,8 +624,8 @@ def tensor_list_problems(
             and dtype in code_set
             and type(shape := item.get("shape")) is list
             and all(type(d) is int and d >= 0 for d in shape)
-            and type(digest := item.get(algorithm := "sha256" if "sha256" in item else "blake3"))
-            is str
+            and (algorithm := "sha256" if "sha256" in item else "blake3") in algorithms
+            and type(digest := item.get(algorithm)) is str
             and _SHA256_PATTERN.fullmatch(digest)
         ):
             if records is not None:
@@ -638,15 +640,16 @@ def tensor_list_problems(
         for key in _TENSOR_KEYS:
             if key not in item:
                 add(where, f"{key!r} is a required property")
-        digests = [key for key in DIGEST_ALGORITHMS if key in item]
-        if not digests:  # the schema's oneOf, worded as _schema words it
+        digests = [key for key in algorithms if key in item]
+        if not digests and len(algorithms) == 1:
+            add(where, f"{algorithms[0]!r} is a required property")
+        elif not digests:  # the schema's oneOf, worded as _schema words it
             add(where, "no alternative matches: "
-                + "; or ".join(f"{key!r} is a required property"
-                               for key in sorted(DIGEST_ALGORITHMS)))
+                + "; or ".join(f"{key!r} is a required property" for key in sorted(algorithms)))
         elif len(digests) > 1:
             add(where, f"{_brief(item)} is valid under each of "
-                + ", ".join(f"{{'required': [{key!r}]}}" for key in DIGEST_ALGORITHMS))
-        extra = [key for key in item if key not in _TENSOR_KEYS and key not in DIGEST_ALGORITHMS]
+                + ", ".join(f"{{'required': [{key!r}]}}" for key in algorithms))
+        extra = [key for key in item if key not in _TENSOR_KEYS and key not in algorithms]
         if extra:
             add(where, f"Additional properties are not allowed ({_unexpected(extra)})")
         if "name" in item:

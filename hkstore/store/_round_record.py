@@ -301,7 +301,9 @@ def _parse_document(
     if isinstance(state.get("tensors"), list):
         skeleton_state["tensors"] = []
     problems = schema_problems({**document, "state": skeleton_state}, schema=schema)
-    records, tensor_problems = tensor_list_problems(state.get("tensors"), ["state", "tensors"])
+    records, tensor_problems = tensor_list_problems(
+        state.get("tensors"), ["state", "tensors"], algorithms=("sha256",)
+    )
     raise_problems(problems + tensor_problems, what=what, error=CheckpointFormatError)
     return document, records
 
