@@ -202,6 +202,24 @@ def _sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def _tensor_digest(algorithm: str, data: bytes) -> str:
+    if algorithm == "blake3":
+        from blake3 import blake3
+
+        return str(blake3(data).hexdigest())
+    return _sha(data)
+
+
+def _to_blake3(index: int) -> Callable[[dict[str, Any]], None]:
+    """A manifest edit: tensor ``index``'s digest as BLAKE3 (the others keep SHA-256)."""
+
+    def apply(doc: dict[str, Any]) -> None:
+        del doc["tensors"][index]["sha256"]
+        doc["tensors"][index]["blake3"] = _tensor_digest("blake3", TENSORS[index][3])
+
+    return apply
+
+
 def _floats(count: int, start: float) -> bytes:
     return struct.pack(f"<{count}f", *(start + 0.25 * i for i in range(count)))
 
@@ -250,6 +268,7 @@ class Parts:
     functions: dict[str, Any] = field(default_factory=lambda: {"model": NONE, "loss": NONE})
     tensors: list[tuple[str, str, list[int], bytes]] = field(default_factory=lambda: TENSORS)
     extra_members: dict[str, bytes] = field(default_factory=dict)
+    digest: str = "sha256"  # the tensors' digest algorithm: "sha256" (hkstore 0.1) or "blake3"
 
     def manifest(self) -> dict[str, Any]:
         n = int.from_bytes(self.weights[:8], "little")
@@ -265,8 +284,8 @@ class Parts:
             "data_info": dict(DATA_INFO), "format": "hkstore", "format_version": 1,
             "functions": json.loads(json.dumps(self.functions)), "metadata": {"round": 3},
             "pickle": None, "seed": 7,
-            "tensors": [{"dtype": d, "name": name, "sha256": _sha(data), "shape": shape}
-                        for name, d, shape, data in self.tensors],
+            "tensors": [{"dtype": d, "name": name, self.digest: _tensor_digest(self.digest, data),
+                         "shape": shape} for name, d, shape, data in self.tensors],
             "trainable": [t[0] for t in self.tensors], "weights": weights,
             "writer": dict(WRITER),
         }  # fmt: skip
@@ -483,6 +502,8 @@ def archive_cases() -> list[Case]:
         "signed with the trusted HMAC secret, signature required",
         trust={"keys": ["hmac"], "require_signature": True})
     add("valid/zstd", lambda: archive(_zstd_parts()), "loads", "weights as one zstd frame")
+    add("valid/blake3", lambda: archive(Parts(digest="blake3"), signer=TRUSTED), "loads",
+        "tensor digests with BLAKE3 (what hkstore writes by default), signed", trust=REQUIRE)
     add("valid/references", lambda: archive(Parts(functions={"model": MODEL_REF,
                                                              "loss": LOSS_REF})),
         "loads", "functions by reference, their module allowed", trust=REF_TRUST,
@@ -616,6 +637,16 @@ def archive_cases() -> list[Case]:
     manifest_case("digest-uppercase", "ManifestError", "an upper-case SHA-256",
                   build=lambda: archive(edit=lambda d: d["tensors"][0].update(
                       sha256=d["tensors"][0]["sha256"].upper())))
+    manifest_case("digest-two-keys", "ManifestError", "a tensor with both 'sha256' and "
+                  "'blake3' (which one would a reader check?)",
+                  build=lambda: archive(edit=lambda d: d["tensors"][0].update(
+                      blake3=_tensor_digest("blake3", TENSORS[0][3]))))
+    manifest_case("digest-mixed-algorithms", "ManifestError", "one tensor with BLAKE3, the "
+                  "others with SHA-256",
+                  build=lambda: archive(edit=_to_blake3(0)))
+    manifest_case("digest-unknown-algorithm", "ManifestError", "a tensor digest under 'md5'",
+                  build=lambda: archive(edit=lambda d: d["tensors"][0].update(
+                      md5=d["tensors"][0].pop("sha256"))))
     manifest_case("trainable-unknown", "ManifestError", "a trainable name that is no tensor",
                   build=lambda: archive(edit=_edit(["trainable", 0], "mlp/~/linear_9:w")))
     manifest_case("trainable-order", "ManifestError", "trainable names out of model order",
@@ -732,6 +763,17 @@ def archive_cases() -> list[Case]:
 
     digest_case("tensor-bit", flipped_tensor, "DigestMismatchError",
                 "one bit of the last tensor flipped in a signed archive", trust=REQUIRE)
+
+    def flipped_blake3_tensor() -> bytes:
+        data = archive(Parts(digest="blake3"), signer=TRUSTED)
+        at = member_offset(data, "weights.safetensors") + len(safetensors()) - 1
+        return patch_bytes(data, {at: bytes([data[at] ^ 0x01])})
+
+    digest_case("blake3-tensor-bit", flipped_blake3_tensor, "DigestMismatchError",
+                "one bit of the last tensor flipped in a signed BLAKE3 archive", trust=REQUIRE)
+    digest_case("blake3-claimed-for-sha256", lambda: archive(edit=lambda d: [
+        t.update(blake3=t.pop("sha256")) for t in d["tensors"]]), "DigestMismatchError",
+        "SHA-256 digests stored under the 'blake3' key: checked as BLAKE3, they fail")
     def padding_tab() -> bytes:
         data = _signed()
         n = int.from_bytes(safetensors()[:8], "little")
