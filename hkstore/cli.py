@@ -113,7 +113,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         )
 
         target = resolve_target(args.archive, args.round)
-        checked, code = verify_checkpoint(target, trust)
+        checked, code = verify_checkpoint(target, trust, workers=args.workers)
         emit_report(checked, render_verify_checkpoint, as_json=args.json)
         for r in checked["rounds"]:
             if r["failed"] is not None:

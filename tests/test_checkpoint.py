@@ -15,6 +15,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -218,6 +219,41 @@ def test_bad_constructor_arguments_are_refused(tmp_path: Path) -> None:
     ]:
         with pytest.raises(ValueError, match=message):
             Checkpointer(tmp_path, **kwargs)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_workers_sets_the_hashing_threads_of_save_restore_and_cli_verify(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, workers: int
+) -> None:
+    # a 4 MiB state tensor: enough work for the scheduler to start its pool (1 MiB and up)
+    state = {"big": np.random.default_rng(0).standard_normal(1 << 20).astype(np.float32)}
+    started: list[str] = []
+    start = threading.Thread.start
+
+    def recording_start(thread: threading.Thread) -> None:
+        started.append(thread.name)
+        start(thread)
+
+    monkeypatch.setattr(threading.Thread, "start", recording_start)
+    model = MLP.build()
+    with Checkpointer(tmp_path / "ck", workers=workers) as ckpt:
+        ckpt.save(model, 1, state=state)
+        saved = [n for n in started if re.fullmatch(r"hkstore_\d+", n)]
+        started.clear()
+        r = ckpt.restore(**GIVEN)
+        restored = [n for n in started if re.fullmatch(r"hkstore_\d+", n)]
+    assert same_bits(r.state, state)
+    # one worker: the scheduler runs inline; more: a pool of at most that many threads
+    # (started as jobs arrive), where the default would use every core
+    for names in (saved, restored):
+        assert (len(set(names)) == 0) if workers == 1 else (1 <= len(set(names)) <= workers)
+    started.clear()
+    assert main(["verify", str(tmp_path / "ck"), "--workers", str(workers)]) == 0
+    verified = [n for n in started if re.fullmatch(r"hkstore-verify_\d+", n)]
+    assert 1 <= len(set(verified)) <= workers
+    for bad, error in [(0, ValueError), (True, TypeError), (1.5, TypeError)]:
+        with pytest.raises(error, match="workers"):
+            Checkpointer(tmp_path / "other", workers=bad)  # type: ignore[arg-type]
 
 
 def test_bad_metrics_are_refused_naming_the_key(tmp_path: Path) -> None:

@@ -245,13 +245,15 @@ def render_inspect_checkpoint(report: dict[str, Any]) -> str:
 # --- verify -----------------------------------------------------------------------------------
 
 
-def verify_checkpoint(target: CheckpointTarget, trust: Trust) -> tuple[dict[str, Any], int]:
-    """Verify every round asked for; return the ``hkstore-verify-checkpoint`` v1 document and
-    the exit status (0 all verified, 1 a round failed a check, 2 only for a round of a newer
-    format)."""
+def verify_checkpoint(
+    target: CheckpointTarget, trust: Trust, *, workers: int | None = None
+) -> tuple[dict[str, Any], int]:
+    """Verify every round asked for (hashing on ``workers`` threads, ``None``: every usable
+    core); return the ``hkstore-verify-checkpoint`` v1 document and the exit status (0 all
+    verified, 1 a round failed a check, 2 only for a round of a newer format)."""
     directory = target.directory
     numbers = directory.rounds() if target.rounds is None else target.rounds
-    rounds = [_verify_round(directory, n, trust) for n in numbers]
+    rounds = [_verify_round(directory, n, trust, workers) for n in numbers]
     incomplete = directory.incomplete() if target.rounds is None else []
     codes = {r.pop("exit_code") for r in rounds}
     if ExitCode.CHECK_FAILED in codes or not numbers:
@@ -270,7 +272,9 @@ def verify_checkpoint(target: CheckpointTarget, trust: Trust) -> tuple[dict[str,
     return report, int(code)
 
 
-def _verify_round(directory: RoundDirectory, number: int, trust: Trust) -> dict[str, Any]:
+def _verify_round(
+    directory: RoundDirectory, number: int, trust: Trust, workers: int | None
+) -> dict[str, Any]:
     from hkstore.store import open_round, round_folder_name
 
     checks: list[dict[str, str]] = []
@@ -286,7 +290,7 @@ def _verify_round(directory: RoundDirectory, number: int, trust: Trust) -> dict[
         key_id = record.check_signature(trust)
         checks.append({"name": "signature", "status": "ok", "detail": _signed(record, key_id)})
         step = "model"
-        with found.open_model() as archive:
+        with found.open_model(workers=workers) as archive:
             archive.check_signature(trust)
             total = sum(e.nbytes for e in archive.tensor_entries().values())
             progress = Progress(f"round {number}: model", total)
@@ -299,14 +303,14 @@ def _verify_round(directory: RoundDirectory, number: int, trust: Trust) -> dict[
             checks.append({"name": "model", "status": "ok",
                            "detail": f"model.hkz: manifest matches the record; "
                                      f"{len(archive.manifest.tensors)} tensors, "
-                                     f"{human_bytes(total)}, sha256 match"})
+                                     f"{human_bytes(total)}, digests match"})
         step = "state"
         if record.state is None:
             checks.append({"name": "state", "status": "ok", "detail": "no state"})
         else:
             progress = Progress(f"round {number}: state", record.state.size)
             try:
-                checked = found.check_state(progress=progress.advance)
+                checked = found.check_state(progress=progress.advance, workers=workers)
             finally:
                 progress.close()
             checks.append({"name": "state", "status": "ok",

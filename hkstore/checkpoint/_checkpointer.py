@@ -44,6 +44,7 @@ from hkstore.store import (
     json_safe,
     open_round,
     reconcile_history,
+    resolve_workers,
     round_history,
     rounds_metrics,
     write_round,
@@ -117,10 +118,13 @@ class Checkpointer:
             or :class:`hkstore.HmacKey`).
         functions: how the model and loss functions are stored (see :func:`hkstore.save`).
         compression: ``None`` or ``"zstd"`` for the model archive's weights.
+        workers: threads hashing and copying tensors when saving and restoring; ``None`` for
+            every core the process may use (``os.sched_getaffinity``), as :func:`hkstore.save`.
 
     Raises:
+        TypeError: ``workers`` is not an int.
         ValueError: a retention rule that is not an integer >= 1 (or a malformed
-            ``keep_best``), an unknown ``functions`` or ``compression``.
+            ``keep_best``), an unknown ``functions`` or ``compression``, ``workers`` below 1.
 
     The lock on the directory (one writer at a time, this process or another) is taken by
     the first ``save()`` and released by ``close()``; reading needs no lock. Opening the
@@ -144,6 +148,7 @@ class Checkpointer:
         signer: Signer | None = None,
         functions: FunctionKind = "reference",
         compression: Literal["zstd"] | None = None,
+        workers: int | None = None,
     ) -> None:
         self._retention = Retention.from_args(keep_last=keep_last, keep_every=keep_every,
                                               keep_best=keep_best)
@@ -152,6 +157,9 @@ class Checkpointer:
                              f"{functions!r}")
         if compression not in (None, "zstd"):
             raise ValueError(f"compression: expected None or 'zstd', got {compression!r}")
+        if workers is not None:
+            resolve_workers(workers)  # a bad count fails here, not in the first save
+        self._workers = workers
         self._dir = RoundDirectory(directory)
         self._signer = signer
         self._functions: FunctionKind = functions
@@ -275,7 +283,8 @@ class Checkpointer:
         try:
             write_round(self._dir, round_, content, state=state, metrics=metrics,
                         retention=self._retention, signer=self._signer,
-                        compression=self._compression, overwrite=overwrite)
+                        compression=self._compression, overwrite=overwrite,
+                        workers=self._workers)
         except BaseException:
             self._metrics = rounds_metrics(self._dir)  # the round may have appeared anyway
             raise
@@ -434,9 +443,10 @@ class Checkpointer:
         # The state file is read (and every digest checked) on its own thread while this one
         # reads the archive: each reader hashes one tensor per core at a time.
         with ThreadPoolExecutor(1, thread_name_prefix="hkstore-state") as pool:
-            state_job = pool.submit(found.read_state_tensors, verify=True)
+            state_job = pool.submit(found.read_state_tensors, verify=True,
+                                    workers=self._workers)
             try:
-                with found.open_model() as archive:
+                with found.open_model(workers=self._workers) as archive:
                     if archive.manifest.pickle is not None:
                         archive.pickle_globals()  # its digest and frame, even if not unpickled
                     snapshot = read_state(archive, model=model, loss=loss, trust=trust,

@@ -108,6 +108,7 @@ if TYPE_CHECKING:
     from hkstore.store._signing import Verifier as Verifier
     from hkstore.store._trust import Trust as Trust
     from hkstore.store._weights import TensorSpec as TensorSpec
+    from hkstore.store._workers import resolve_workers as resolve_workers
 
 #: Public names (re-exported by ``hkstore``) -> the private module that defines them.
 _PUBLIC: dict[str, str] = {
@@ -185,6 +186,7 @@ _INTERNAL: dict[str, str] = {
     "Signer": "_signing",
     "Verifier": "_signing",
     "TensorSpec": "_weights",
+    "resolve_workers": "_workers",
 }
 _LAZY = {**_PUBLIC, **_INTERNAL}
 

@@ -52,6 +52,7 @@ from hkstore.store._round_record import (
 )
 from hkstore.store._signing import Signer
 from hkstore.store._trust import Trust
+from hkstore.store._workers import resolve_workers
 
 if TYPE_CHECKING:
     import numpy as np
@@ -98,6 +99,7 @@ def write_round(
     signer: Signer | None = None,
     compression: str | None = None,
     overwrite: bool = False,
+    workers: int | None = None,
 ) -> RoundRecord:
     """Write a complete round and make it appear atomically; then its history entry.
 
@@ -116,6 +118,8 @@ def write_round(
         signer: signs the archive and the record.
         compression: the archive's weights compression (``None`` or ``"zstd"``).
         overwrite: replace an existing round.
+        workers: threads hashing each file's tensors; ``None`` for every core the process may
+            use.
 
     Returns:
         The record written.
@@ -131,10 +135,11 @@ def write_round(
         # The state file is written on its own thread while this one writes the archive:
         # each hashes one tensor per core at a time (a tensor's SHA-256 cannot be split), so
         # two files in flight keep both cores busy where one would leave gaps.
-        state_job = None if state is None else pool.submit(_write_state, staging, state)
+        state_job = None if state is None else pool.submit(_write_state, staging, state, workers)
         try:
             with staging.open(MODEL_MEMBER) as handle:
-                manifest = write_archive(handle, model, signer=signer, compression=compression)
+                manifest = write_archive(handle, model, signer=signer, compression=compression,
+                                         workers=workers)
                 model_size = handle.tell()
         finally:
             state_json = None if state_job is None else state_job.result()
@@ -157,14 +162,14 @@ def write_round(
     return record
 
 
-def _write_state(staging: Staging, state: StateContent) -> dict[str, Any]:
+def _write_state(staging: Staging, state: StateContent, workers: int | None) -> dict[str, Any]:
     """Write ``state.safetensors``; return the record's ``$.state`` (without ``member``)."""
     from hkstore.store._weights import write_weights
 
     with staging.open(STATE_MEMBER) as handle:
         # the round record's state tensors carry SHA-256 digests (FORMAT.md section 13)
         written = write_weights(
-            handle, state.specs, state.fetch, crc32=None, digest="sha256"
+            handle, state.specs, state.fetch, crc32=None, digest="sha256", workers=workers
         )
     return {
         "header_sha256": written.header_sha256,
@@ -231,8 +236,10 @@ class Round:
         return sum(self.directory.member_size(self.record.round, m) for m in members
                    if self.directory.has_member(self.record.round, m))
 
-    def open_model(self) -> Archive:
+    def open_model(self, *, workers: int | None = None) -> Archive:
         """Open ``model.hkz`` and check it is the archive the record names.
+
+        ``workers``: threads reading and hashing its tensors (``None``: every usable core).
 
         Raises:
             CheckpointFormatError: the file is missing.
@@ -247,7 +254,7 @@ class Round:
             raise CheckpointFormatError(f"{path}: missing (the record lists it)") from None
         if size != want.size:
             raise DigestMismatchError(f"{path}: {size} bytes, the round record says {want.size}")
-        archive = open_archive(path, limits=self.limits)
+        archive = open_archive(path, limits=self.limits, workers=workers)
         actual = hashlib.sha256(archive.manifest_bytes).hexdigest()
         if actual != want.manifest_sha256:
             archive.close()
@@ -298,8 +305,12 @@ class Round:
         finally:
             os.close(fd)
 
-    def read_state_tensors(self, *, verify: bool = True, workers: int = 2) -> dict[str, Any]:
+    def read_state_tensors(
+        self, *, verify: bool = True, workers: int | None = None
+    ) -> dict[str, Any]:
         """Read every state tensor into fresh aligned buffers, digests checked unless not asked.
+
+        ``workers``: threads reading and hashing (``None``: every core the process may use).
 
         Returns:
             ``{name: numpy array}`` (empty when the round has no state).
@@ -313,13 +324,16 @@ class Round:
             return {}
         with self.open_state() as reader:
             return reader.read_all(
-                state.digests if verify else None, algorithm="sha256", workers=workers
+                state.digests if verify else None, algorithm="sha256",
+                workers=resolve_workers(workers)
             )
 
     def check_state(
-        self, *, progress: Callable[[int], None] | None = None, workers: int = 2
+        self, *, progress: Callable[[int], None] | None = None, workers: int | None = None
     ) -> int:
         """Check every state tensor's digest in bounded memory; return the bytes checked.
+
+        ``workers``: hashing threads (``None``: every core the process may use).
 
         Raises:
             DigestMismatchError: naming every tensor whose bytes differ.
@@ -329,6 +343,7 @@ class Round:
         if state is None:
             return 0
         digests = state.digests
+        workers = resolve_workers(workers)
         with self.open_state() as reader:
             batches: list[list[str]] = [[]]
             size = 0
