@@ -21,7 +21,6 @@ from hkstore.errors import (
     ArchiveFormatError,
     ContainerError,
     DigestMismatchError,
-    SignatureError,
     WeightsFormatError,
 )
 from hkstore.store import _zstd
@@ -529,17 +528,7 @@ class Archive:
             SignatureError: a signature is required but absent, or it does not verify.
             UntrustedKeyError: the caller gave keys and none of them made the signature.
         """
-        if SIGNATURE not in self.members:
-            if trust.require_signature:
-                raise SignatureError(
-                    "archive is unsigned, but the trust policy requires a signature"
-                )
-            return None
-        if not trust.verifiers:
-            if trust.require_signature:
-                raise SignatureError(
-                    "the trust policy requires a signature but lists no keys to verify it with"
-                )
+        if not trust.wants_signature_checked(SIGNATURE in self.members, what="archive"):
             return None
         if self._verified is not None and self._verified[0] is trust:
             return self._verified[1]  # load() checks first, the gate asks again: verify once

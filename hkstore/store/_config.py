@@ -30,7 +30,6 @@ from hkstore.errors import (
     ConfigError,
     DigestMismatchError,
     LimitExceededError,
-    SignatureError,
     UnsupportedVersionError,
 )
 from hkstore.store._canonical import canonical_json
@@ -51,7 +50,7 @@ from hkstore.store._records import (
     field_error,
 )
 from hkstore.store._schema import load_schema
-from hkstore.store._signing import ALGORITHMS, Signer
+from hkstore.store._signing import ALGORITHMS, DocumentSignature, Signer
 from hkstore.store._signing import verify_with as _verify_with
 from hkstore.store._trust import Trust
 from hkstore.store._zstd import decompress_bounded
@@ -62,7 +61,6 @@ __all__ = [
     "CONFIG_VERSION",
     "ConfigDocument",
     "ConfigPickle",
-    "ConfigSignature",
     "build_config",
     "config_schema",
     "config_with_binary_blob",
@@ -153,15 +151,6 @@ class ConfigPickle:
 
 
 @dataclass(frozen=True)
-class ConfigSignature:
-    """A config's signature: who claims to have signed it, with what, and the raw bytes."""
-
-    algorithm: str
-    key_id: str
-    signature: bytes
-
-
-@dataclass(frozen=True)
 class ConfigDocument:
     """A config that passed :func:`parse_config`: every field checked, nothing resolved yet.
 
@@ -181,7 +170,7 @@ class ConfigDocument:
     trainable: tuple[str, ...] | None
     functions: Functions
     pickle: ConfigPickle | None
-    signature: ConfigSignature | None
+    signature: DocumentSignature | None
     rng: RngRecord | None
     payload: bytes
 
@@ -195,18 +184,9 @@ class ConfigDocument:
             SignatureError: a signature is required but absent, or it does not verify.
             UntrustedKeyError: the policy has keys and none of them made the signature.
         """
-        if self.signature is None:
-            if trust.require_signature:
-                raise SignatureError(
-                    f"{_WHAT} is unsigned, but the trust policy requires a signature"
-                )
+        if not trust.wants_signature_checked(self.signature is not None, what=_WHAT):
             return None
-        if not trust.verifiers:
-            if trust.require_signature:
-                raise SignatureError(
-                    "the trust policy requires a signature but lists no keys to verify it with"
-                )
-            return None
+        assert self.signature is not None
         return _verify_with(
             trust.verifiers,
             key_id=self.signature.key_id,
@@ -410,7 +390,7 @@ def _parse_pickle(value: Any, limits: Limits) -> ConfigPickle:
     return ConfigPickle(blob=blob, record=record)
 
 
-def _parse_signature(value: Any) -> ConfigSignature:
+def _parse_signature(value: Any) -> DocumentSignature:
     path = _at("signature")
     d = expect_object(value, path, ("algorithm", "key_id", "signature"))
     algorithm = expect_str(d["algorithm"], [*path, "algorithm"])
@@ -430,7 +410,7 @@ def _parse_signature(value: Any) -> ConfigSignature:
             [*path, "signature"],
             f"an {algorithm} signature is {ALGORITHMS[algorithm]} bytes",
         )
-    return ConfigSignature(algorithm=algorithm, key_id=key_id, signature=raw)
+    return DocumentSignature(algorithm=algorithm, key_id=key_id, signature=raw)
 
 
 def config_schema() -> dict[str, Any]:

@@ -32,7 +32,6 @@ from typing import Any
 from hkstore.errors import (
     CheckpointFormatError,
     LimitExceededError,
-    SignatureError,
     UnsupportedVersionError,
 )
 from hkstore.store._canonical import (
@@ -47,7 +46,7 @@ from hkstore.store._records import Document, TensorRecord
 from hkstore.store._retention import Retention
 from hkstore.store._round_dir import MODEL_MEMBER, STATE_MEMBER
 from hkstore.store._schema import raise_problems, schema_problems, validate
-from hkstore.store._signing import ALGORITHMS, Signer, verify_with
+from hkstore.store._signing import ALGORITHMS, DocumentSignature, Signer, verify_with
 from hkstore.store._trust import Trust
 
 __all__ = [
@@ -61,7 +60,6 @@ __all__ = [
     "HistoryEntry",
     "ModelRecord",
     "RoundRecord",
-    "RoundSignature",
     "StateRecord",
     "build_history",
     "build_record",
@@ -114,15 +112,6 @@ class StateRecord:
 
 
 @dataclass(frozen=True)
-class RoundSignature:
-    """A record's signature: the key id and algorithm it claims, and the raw signature."""
-
-    algorithm: str
-    key_id: str
-    signature: bytes
-
-
-@dataclass(frozen=True)
 class RoundRecord:
     """A parsed, checked ``round.json`` (nothing verified against the other files yet).
 
@@ -144,7 +133,7 @@ class RoundRecord:
     model: ModelRecord
     state: StateRecord | None
     retention: Retention
-    signature: RoundSignature | None
+    signature: DocumentSignature | None
     where: str
     payload: bytes
 
@@ -157,15 +146,10 @@ class RoundRecord:
             SignatureError: a signature is required but absent, or it does not verify.
             UntrustedKeyError: ``trust`` has keys and none of them made the signature.
         """
-        if self.signature is None:
-            if trust.require_signature:
-                raise SignatureError(
-                    f"{self.where}: the round is unsigned, but the trust policy requires a "
-                    "signature"
-                )
+        if not trust.wants_signature_checked(self.signature is not None,
+                                             what=f"{self.where}: the round"):
             return None
-        if not trust.verifiers:
-            return None
+        assert self.signature is not None
         return verify_with(
             trust.verifiers,
             key_id=self.signature.key_id,
@@ -503,7 +487,7 @@ def _check_keys(keys: Any, kind: str, count: int, at: str, problems: list[str]) 
                         + ("values" if kind == "dict" else "items"))
 
 
-def _parse_signature(value: dict[str, Any], problems: list[str]) -> RoundSignature | None:
+def _parse_signature(value: dict[str, Any], problems: list[str]) -> DocumentSignature | None:
     algorithm = value["algorithm"]
     text = value["signature"]
     try:
@@ -520,7 +504,7 @@ def _parse_signature(value: dict[str, Any], problems: list[str]) -> RoundSignatu
     if not value["key_id"].startswith(algorithm + ":"):
         problems.append(f"$.signature.key_id {value['key_id']!r} is not an {algorithm} key id")
         return None
-    return RoundSignature(algorithm, value["key_id"], raw)
+    return DocumentSignature(algorithm, value["key_id"], raw)
 
 
 def parse_history(data: bytes, *, where: str, expected_round: int | None = None) -> HistoryEntry:

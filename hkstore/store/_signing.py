@@ -64,6 +64,7 @@ __all__ = [
     "SIGNATURE_FORMAT",
     "SIGNATURE_MEMBER",
     "SIGNATURE_VERSION",
+    "DocumentSignature",
     "Ed25519Signer",
     "Ed25519Verifier",
     "HmacKey",
@@ -651,6 +652,21 @@ def verify_manifest_signature(
         signed="manifest.json",
         content="manifest",
     )
+
+
+@dataclass(frozen=True)
+class DocumentSignature:
+    """A signature carried inside a JSON document (a config, a round record), as parsed.
+
+    Attributes:
+        algorithm: the algorithm it claims (``"ed25519"`` or ``"hmac-sha256"``).
+        key_id: the key id it claims (unverified).
+        signature: the raw signature bytes.
+    """
+
+    algorithm: str
+    key_id: str
+    signature: bytes
 
 
 def verify_with(

@@ -52,7 +52,12 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from hkstore.errors import RefusedCodeError, TrustPolicyError, UnsafeTrustWarning
+from hkstore.errors import (
+    RefusedCodeError,
+    SignatureError,
+    TrustPolicyError,
+    UnsafeTrustWarning,
+)
 from hkstore.store._keys import load_verifier
 from hkstore.store._signing import ALGORITHMS, Ed25519Signer, Verifier
 
@@ -222,6 +227,35 @@ class Trust:
     def key_ids(self) -> tuple[str, ...]:
         """The trusted keys' ids, in order."""
         return tuple(key.key_id for key in self.keys)
+
+    def wants_signature_checked(self, signed: bool, *, what: str) -> bool:
+        """Apply the policy to a signature's presence: whether it must now be verified.
+
+        The one rule for archives, configs and round records: an unsigned ``what`` passes
+        unless a signature is required; a signature is verified only when the policy has keys
+        (``require_signature`` always comes with keys: the constructor refuses it without).
+
+        Args:
+            signed: whether ``what`` carries a signature.
+            what: names the document in the error (``"archive"``, ``"config"``...).
+
+        Returns:
+            ``True`` when the caller must verify the signature with :attr:`verifiers`.
+
+        Raises:
+            SignatureError: ``what`` is unsigned and the policy requires a signature.
+
+        Example:
+            >>> Trust().wants_signature_checked(True, what="archive")
+            False
+        """
+        if not signed:
+            if self.require_signature:
+                raise SignatureError(
+                    f"{what} is unsigned, but the trust policy requires a signature"
+                )
+            return False
+        return bool(self.verifiers)
 
     @property
     def unsafe_options(self) -> tuple[str, ...]:
