@@ -19,7 +19,7 @@ them for the report).
 Example:
     >>> import haiku as hk, jax.numpy as jnp
     >>> def f(x): return [layer_kind(m) for m in (hk.Linear(2), hk.LayerNorm(-1, True, True))]
-    >>> hk.transform(f).init(None, jnp.ones((1, 3)))  # doctest: +SKIP
+    >>> hk.transform(f).apply({}, None, jnp.ones((1, 3)))
     ['linear', None]
 """
 

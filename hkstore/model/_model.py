@@ -132,9 +132,9 @@ class HaikuModel:
         >>> import haiku as hk, jax.numpy as jnp, numpy as np
         >>> def fwd(x): return hk.Linear(1, name="lin")(x)
         >>> def mse(y_pred, y_true): return jnp.mean((y_pred - y_true) ** 2, axis=-1)
-        >>> model = HaikuModel(fwd, mse, seed=0)  # doctest: +SKIP
-        >>> model.initialize({"data_type": "float32", "features_shape": (3,)})  # doctest: +SKIP
-        >>> model.get_weight_names()  # doctest: +SKIP
+        >>> model = HaikuModel(fwd, mse, seed=0)
+        >>> model.initialize({"data_type": "float32", "features_shape": (3,)})
+        >>> model.get_weight_names()
         ['lin:b', 'lin:w']
     """
 
@@ -173,7 +173,7 @@ class HaikuModel:
         none was found; passing it to :meth:`update_device_policy` keeps the model where it is.
 
         Example:
-            >>> model.device_policy  # doctest: +SKIP
+            >>> model.device_policy
             DevicePolicy(gpu=False, idx=0)
         """
         return policy_of(self._device)
@@ -490,9 +490,11 @@ class HaikuModel:
             RngStateError: (on setting) not one PRNG key of a known implementation.
 
         Example:
-            >>> before = model.rng_state  # doctest: +SKIP
-            >>> model.compute_batch_gradients(batch)  # doctest: +SKIP
-            >>> model.rng_state = before  # replays the same keys  # doctest: +SKIP
+            >>> before = model.rng_state
+            >>> grads = model.compute_batch_gradients(batch)
+            >>> model.rng_state == before  # the step drew from it
+            False
+            >>> model.rng_state = before  # replays the same keys
         """
         return RngState.from_key(self._rng)
 
@@ -514,8 +516,8 @@ class HaikuModel:
             A :class:`ModelState`; ``data_info`` is ``None`` before :meth:`initialize`.
 
         Example:
-            >>> state = model.export_state()  # doctest: +SKIP
-            >>> [spec.name for spec in state.weight_specs()][:1]  # doctest: +SKIP
+            >>> state = model.export_state()
+            >>> [spec.name for spec in state.weight_specs()][:1]
             ['mlp/~/linear_0:b']
         """
         initialized = self._params is not None
@@ -632,9 +634,9 @@ class HaikuModel:
             TypeError: ``allow_bin`` is not a bool.
 
         Example:
-            >>> config = model.get_config()  # doctest: +SKIP
-            >>> config["functions"]["model"]["ref"]  # doctest: +SKIP
-            'mypkg.nets:forward'
+            >>> config = model.get_config()
+            >>> config["functions"]["model"]["kind"]
+            'reference'
         """
         _check_allow_bin(allow_bin, "get_config")
         state = self.export_state()

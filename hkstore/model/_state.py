@@ -136,8 +136,10 @@ class ModelState:
             imply).
 
     Example:
-        >>> state = model.export_state()  # doctest: +SKIP
-        >>> again = HaikuModel.from_state(state)  # doctest: +SKIP
+        >>> state = model.export_state()
+        >>> again = hkstore.HaikuModel.from_state(state)
+        >>> again.get_weight_names() == model.get_weight_names()
+        True
     """
 
     model: Callable[..., Any]
