@@ -342,7 +342,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run ``hkstore`` with ``argv`` (default ``sys.argv[1:]``); return the exit status.
 
     Example:
-        >>> main(["verify", "round-3.hkz"])  # doctest: +SKIP
+        >>> main(["verify", "round-3.hkz"])  # doctest: +ELLIPSIS
+          container  ok      2 members: weights.safetensors, manifest.json
+        ...
+        round-3.hkz: OK
         0
     """
     parser = _parser()

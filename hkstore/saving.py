@@ -71,7 +71,9 @@ def save(
         ManifestError: ``metadata`` or ``data_info`` is not JSON-safe.
 
     Example:
-        >>> hkstore.save(model, "round-3.hkz", metadata={"round": 3})  # doctest: +SKIP
+        >>> manifest = hkstore.save(model, "round-3.hkz", metadata={"round": 3})
+        >>> manifest.metadata
+        {'round': 3}
     """
     content = archive_content(_state(model), functions=functions, metadata=metadata)
     with atomic_write(path) as handle:
@@ -92,8 +94,10 @@ def dumps(
     """Return the archive bytes of ``model`` (for messages); arguments as :func:`save`.
 
     Example:
-        >>> blob = hkstore.dumps(model)  # doctest: +SKIP
-        >>> hkstore.loads(blob, model=forward_fn, loss=loss_fn)  # doctest: +SKIP
+        >>> blob = hkstore.dumps(model)
+        >>> again = hkstore.loads(blob, model=forward_fn, loss=loss_fn)
+        >>> again.get_weight_names() == model.get_weight_names()
+        True
     """
     content = archive_content(_state(model), functions=functions, metadata=metadata)
     buffer = io.BytesIO()
@@ -151,7 +155,9 @@ def load(
         ModelFunctionError: the model function fails on the stored data info.
 
     Example:
-        >>> m = hkstore.load("round-3.hkz", model=forward_fn, loss=loss_fn)  # doctest: +SKIP
+        >>> m = hkstore.load("round-3.hkz", model=forward_fn, loss=loss_fn)
+        >>> m.get_weight_names()[:2]
+        ['mlp/~/linear_0:b', 'mlp/~/linear_0:w']
     """
     with open_archive(source, limits=limits, workers=workers) as archive:
         state = read_state(archive, model=model, loss=loss, trust=trust, verify=verify)
