@@ -792,8 +792,9 @@ def open_archive(
         ContainerError, ManifestError, UnsupportedVersionError, LimitExceededError.
 
     Example:
-        >>> with open_archive("round-3.hkz") as ar:  # doctest: +SKIP
+        >>> with open_archive("round-3.hkz") as ar:
         ...     ar.names()[:2], ar.manifest.data_info
+        (['mlp/~/linear_0:b', 'mlp/~/linear_0:w'], {'data_type': 'float32', 'features_shape': [3]})
     """
     return Archive(source, limits=limits, workers=workers)
 

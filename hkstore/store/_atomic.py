@@ -9,8 +9,11 @@ process's locks). A live writer's temp file is never touched: it holds its lock 
 file has been renamed to its final name.
 
 Example:
-    >>> with atomic_write(tmp / "x.bin") as f:  # doctest: +SKIP
+    >>> with atomic_write(tmp / "x.bin") as f:
     ...     f.write(b"data")
+    4
+    >>> (tmp / "x.bin").read_bytes()
+    b'data'
 """
 
 from __future__ import annotations
@@ -56,8 +59,9 @@ def atomic_write(path: str | os.PathLike[str], *, mode: int = 0o644) -> Iterator
         OSError: the folder or the file cannot be written (the temp file is removed).
 
     Example:
-        >>> with atomic_write(tmp / "x.bin") as f:  # doctest: +SKIP
+        >>> with atomic_write(tmp / "x.bin") as f:
         ...     f.write(b"data")
+        4
     """
     final = Path(path)
     folder = final.parent if str(final.parent) else Path(".")
@@ -120,7 +124,10 @@ def remove_stale_temps(folder: str | os.PathLike[str]) -> list[str]:
         The names removed.
 
     Example:
-        >>> remove_stale_temps(tmp)  # doctest: +SKIP
+        >>> left = tmp / ".round-3.hkz.k2j1x9qa.hkstore-tmp"  # a killed writer's temp file
+        >>> left.write_bytes(b"half")
+        4
+        >>> remove_stale_temps(tmp)
         ['.round-3.hkz.k2j1x9qa.hkstore-tmp']
     """
     if fcntl is None:  # pragma: no cover - not POSIX: cannot tell stale from live

@@ -108,8 +108,8 @@ class RoundDirectory:
         path: the directory.
 
     Example:
-        >>> folder = RoundDirectory("runs/exp1")  # doctest: +SKIP
-        >>> folder.rounds()  # doctest: +SKIP
+        >>> folder = RoundDirectory("runs/exp1")
+        >>> folder.rounds()
         [3, 4]
     """
 
