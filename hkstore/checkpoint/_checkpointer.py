@@ -132,9 +132,11 @@ class Checkpointer:
     holds the lock. A Checkpointer is used from one thread at a time.
 
     Example:
-        >>> with hkstore.Checkpointer("runs/exp1", keep_last=3) as ckpt:  # doctest: +SKIP
+        >>> with hkstore.Checkpointer("runs/exp2", keep_last=3) as ckpt:
         ...     ckpt.save(model, 1, state=opt_state, metrics={"loss": 0.4})
         ...     r = ckpt.restore(model=forward, loss=loss, state_like=opt_state)
+        >>> r.round, r.metrics
+        (1, {'loss': 0.4})
     """
 
     def __init__(
