@@ -229,8 +229,9 @@ def from_arrayrecord(record: ArrayRecord, *, like: hkstore.HaikuModel) -> hkstor
         NotInitializedError: ``like`` has no weights yet.
 
     Example:
-        >>> weights = from_arrayrecord(message.content["arrays"], like=model)  # doctest: +SKIP
-        >>> model.set_weights(weights)  # doctest: +SKIP
+        >>> record = to_arrayrecord(model)  # as in message.content["arrays"]
+        >>> weights = from_arrayrecord(record, like=model)
+        >>> model.set_weights(weights)
     """
     if not isinstance(record, ArrayRecord):
         raise TypeError(f"from_arrayrecord: expected a flwr.app.ArrayRecord, got "

@@ -75,10 +75,12 @@ class CheckpointedStrategy(Strategy):
         NotInitializedError: ``like`` has no weights yet.
 
     Example:
-        >>> ckpt = hkstore.Checkpointer("runs/fl", keep_last=3)  # doctest: +SKIP
+        >>> from flwr.serverapp.strategy import FedAdam
+        >>> ckpt = hkstore.Checkpointer("runs/fl", keep_last=3)
         >>> strategy = CheckpointedStrategy(FedAdam(fraction_train=0.5), ckpt, like=model)
-        ... # doctest: +SKIP
-        >>> last_round, arrays = resume(ckpt, strategy, like=model)  # doctest: +SKIP
+        >>> last_round, arrays = resume(ckpt, strategy, like=model)
+        >>> last_round  # nothing saved yet: the run starts at round 1
+        0
         >>> result = strategy.start(grid, arrays, num_rounds=10 - last_round)  # doctest: +SKIP
     """
 
@@ -344,7 +346,12 @@ def resume(
             ``Checkpointer.restore``.
 
     Example:
-        >>> last_round, arrays = resume(ckpt, strategy, like=model)  # doctest: +SKIP
+        >>> from flwr.serverapp.strategy import FedAvg
+        >>> ckpt = hkstore.Checkpointer("runs/fl")
+        >>> strategy = CheckpointedStrategy(FedAvg(), ckpt, like=model)
+        >>> last_round, arrays = resume(ckpt, strategy, like=model)
+        >>> last_round, list(arrays) == model.get_weight_names()
+        (0, True)
         >>> strategy.start(grid, arrays, num_rounds=total - last_round)  # doctest: +SKIP
     """
     if not isinstance(strategy, CheckpointedStrategy):
