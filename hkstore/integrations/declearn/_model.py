@@ -105,9 +105,9 @@ class DeclearnHaikuModel(Model):
 
     Example:
         >>> from hkstore.integrations.declearn import DeclearnHaikuModel
-        >>> net = hkstore.HaikuModel(forward, loss, seed=0)  # doctest: +SKIP
-        >>> frozen_encoder = lambda module, name, value: module != "encoder"  # doctest: +SKIP
-        >>> server_model = DeclearnHaikuModel(net, trainable=frozen_encoder)  # doctest: +SKIP
+        >>> net = hkstore.HaikuModel(forward, loss, seed=0)
+        >>> frozen_encoder = lambda module, name, value: module != "encoder"
+        >>> server_model = DeclearnHaikuModel(net, trainable=frozen_encoder)
     """
 
     typekey: ClassVar[str] = TYPEKEY
