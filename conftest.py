@@ -4,7 +4,8 @@ here when it is not installed, and their doctests run in that framework's own ve
 
 Every doctest runs in a fresh temporary folder (its working directory), holding a small
 example world built once per session: ``round-3.hkz`` (``model`` saved with
-``metadata={"round": 3}``) and ``runs/exp1`` (a checkpoint directory with rounds 3 and 4).
+``metadata={"round": 3}``), ``runs/exp1`` (a checkpoint directory with rounds 3 and 4) and
+``ckpt`` (``model`` in a declearn 2.x checkpoint folder).
 Its namespace holds, besides the module's own names, only the names its examples use among:
 ``hkstore``, ``np``, ``jax``, ``jnp``, ``hk``, ``optax``, ``Path``, ``tmp`` (the folder),
 ``forward_fn``/``forward`` and ``loss_fn``/``loss`` (a small haiku MLP and its per-sample MSE),
@@ -18,6 +19,8 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import json
+import pickle
 import re
 import shutil
 from collections.abc import Callable, Iterator
@@ -101,6 +104,26 @@ def _on_the_cpu() -> Iterator[None]:
         set_device_policy(gpu=before.gpu, idx=before.idx)
 
 
+def _declearn_checkpoint(folder: Path, model: Any) -> None:
+    """``model`` as a declearn 2.x ``Checkpointer`` folder holds it, written without declearn:
+    ``model_config.json`` (the functions pickled by reference, as hex) and one
+    ``model_state_<YY-MM-DD_HH-MM-SS>.mpk`` (the weights as a MessagePack JaxNumpyVector)."""
+    import msgpack
+    import numpy as np
+
+    folder.mkdir()
+    config = {"typekey": "haiku", "model": pickle.dumps(forward_fn, protocol=4).hex(),
+              "loss": pickle.dumps(loss_fn, protocol=4).hex(), "data_info": model.data_info}
+    (folder / "model_config.json").write_text(json.dumps(config), encoding="utf-8")
+    dump = {}
+    for name, value in model.get_weights().coefs.items():
+        array = np.asarray(value)
+        dump[name] = {"__type__": "np.ndarray",
+                      "dump": [array.tobytes(), array.dtype.char, list(array.shape)]}
+    state = msgpack.packb({"__type__": "JaxNumpyVector", "dump": dump}, use_bin_type=True)
+    (folder / "model_state_26-11-29_12-00-00.mpk").write_bytes(state)
+
+
 @pytest.fixture(scope="session")
 def _doctest_world(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The files every doctest finds in its folder, built once per session."""
@@ -114,6 +137,7 @@ def _doctest_world(tmp_path_factory: pytest.TempPathFactory) -> Path:
             for number in (3, 4):
                 ckpt.save(model, number, state=_opt_state(model),
                           metrics={"loss": 0.5 / number})
+        _declearn_checkpoint(world / "ckpt", model)
     return world
 
 

@@ -16,10 +16,12 @@ Two parts:
   :class:`~hkstore.errors.MissingDependencyError` naming the ``[declearn]`` extra.
 
 Example:
+    >>> from pathlib import Path
     >>> from hkstore.integrations.declearn import convert, locate_inputs
-    >>> config, state = locate_inputs(Path("ckpt"), None)  # doctest: +SKIP
-    >>> convert(config, state, "converted.hkz").text  # doctest: +SKIP
-    >>> from hkstore.integrations import declearn as hk_declearn  # doctest: +SKIP
+    >>> config, state = locate_inputs(Path("ckpt"), None)
+    >>> convert(config, state, "converted.hkz").text  # doctest: +ELLIPSIS
+    'converted.hkz: 4 tensors from model_state_26-11-29_12-00-00.mpk (all trainable), ...'
+    >>> from hkstore.integrations import declearn as hk_declearn
     >>> hk_declearn.set_receive_policy(model=forward, loss=loss)  # doctest: +SKIP
 """
 
