@@ -33,8 +33,9 @@ from _pytest.doctest import DoctestItem
 #: Modules whose import needs declearn: the engine part of hkstore.integrations.declearn.
 _DECLEARN_MODULES = ["_engine.py", "_harden.py", "_model.py", "_policy.py", "_vector.py"]
 
-#: Modules whose import needs flwr: all of hkstore.integrations.flower but its package file.
-_FLOWER_MODULES = ["_history.py", "_records.py", "_state.py", "_strategy.py"]
+#: Modules whose import needs flwr: all of hkstore.integrations.flower but its package file,
+#: whose doctest needs flwr too.
+_FLOWER_MODULES = ["__init__.py", "_history.py", "_records.py", "_state.py", "_strategy.py"]
 
 collect_ignore_glob: list[str] = []
 if importlib.util.find_spec("declearn") is None:

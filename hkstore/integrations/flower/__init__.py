@@ -19,10 +19,10 @@ and jax then); without flwr, touching one raises
   by real round number.
 
 Example:
-    >>> from hkstore.integrations.flower import CheckpointedStrategy, resume  # doctest: +SKIP
+    >>> from flwr.serverapp.strategy import FedAdam
+    >>> from hkstore.integrations.flower import CheckpointedStrategy, resume
     >>> strategy = CheckpointedStrategy(FedAdam(), hkstore.Checkpointer("runs/fl"), like=model)
-    ... # doctest: +SKIP
-    >>> last_round, arrays = resume(strategy.checkpointer, strategy, like=model)  # doctest: +SKIP
+    >>> last_round, arrays = resume(strategy.checkpointer, strategy, like=model)
     >>> strategy.start(grid, arrays, num_rounds=5)  # doctest: +SKIP
 """
 
