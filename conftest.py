@@ -143,9 +143,10 @@ def _doctest_world(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _names_used(item: DoctestItem) -> set[str]:
+    """The names the doctest's examples use that its module does not define itself."""
     assert item.dtest is not None
     return {name for example in item.dtest.examples
-            for name in re.findall(r"[A-Za-z_]\w*", example.source)}
+            for name in re.findall(r"[A-Za-z_]\w*", example.source)} - set(item.dtest.globs)
 
 
 @pytest.fixture(autouse=True)
