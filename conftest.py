@@ -23,6 +23,7 @@ import json
 import pickle
 import re
 import shutil
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -58,6 +59,14 @@ def loss_fn(y_pred: Any, y_true: Any) -> Any:
     import jax.numpy as jnp
 
     return jnp.mean((y_pred - y_true) ** 2, axis=-1)
+
+
+# The examples store both functions by reference, so ``module:qualname`` must find them. This
+# file and tests/conftest.py are both imported as ``conftest`` (the later one replaces the
+# other in sys.modules), so the functions are given a module name of their own.
+_WORLD_MODULE = "hkstore_doctest_world"
+sys.modules[_WORLD_MODULE] = sys.modules[__name__]
+forward_fn.__module__ = loss_fn.__module__ = _WORLD_MODULE
 
 
 def _new_model() -> Any:
