@@ -1,7 +1,9 @@
 """Build small hkstore archives without jax (numpy arrays through ``write_archive``) for tests.
 
 Example:
-    >>> path = write_test_archive(tmp_path / "a.hkz", make_content())  # doctest: +SKIP
+    >>> path = write_test_archive(tmp / "a.hkz", make_content())
+    >>> path.name
+    'a.hkz'
 """
 
 from __future__ import annotations
