@@ -1,7 +1,8 @@
 """Build small hkstore archives without jax (numpy arrays through ``write_archive``) for tests.
 
 Example:
-    >>> path = write_test_archive(tmp / "a.hkz", make_content())
+    >>> tmp_path = getfixture("tmp_path")
+    >>> path = write_test_archive(tmp_path / "a.hkz", make_content())
     >>> path.name
     'a.hkz'
 """
