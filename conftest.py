@@ -159,12 +159,16 @@ def _names_used(item: DoctestItem) -> set[str]:
 
 
 @pytest.fixture(autouse=True)
-def _doctest_setup(request: pytest.FixtureRequest, tmp_path: Path,
-                   monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """For doctests only: run in a fresh copy of the example world, with its names."""
+def _doctest_setup(request: pytest.FixtureRequest) -> Iterator[None]:
+    """For doctests only: run in a fresh copy of the example world, with its names.
+
+    Other tests get nothing, not even ``tmp_path`` or ``monkeypatch`` set up earlier than they
+    ask for them (that would change the order their fixtures are torn down in)."""
     if not isinstance(request.node, DoctestItem):
         yield
         return
+    tmp_path: Path = request.getfixturevalue("tmp_path")
+    monkeypatch: pytest.MonkeyPatch = request.getfixturevalue("monkeypatch")
     shutil.copytree(request.getfixturevalue("_doctest_world"), tmp_path, dirs_exist_ok=True)
     monkeypatch.chdir(tmp_path)
     namespace: dict[str, Any] = request.getfixturevalue("doctest_namespace")
