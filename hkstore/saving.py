@@ -25,7 +25,7 @@ from hkstore.store import (
     Manifest,
     Signer,
     Trust,
-    atomic_write,
+    destination,
     open_archive,
     write_archive,
 )
@@ -44,8 +44,12 @@ def save(
     compression: Literal["zstd"] | None = None,
     metadata: Mapping[str, Any] | None = None,
     workers: int | None = None,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> Manifest:
     """Save an initialized model to ``path`` atomically (temp file, fsync, rename).
+
+    ``path`` may also be a URL (``s3://bucket/key.hkz``; the ``cloud`` extra): the archive is
+    written to a local temporary file, then uploaded under its key only once complete.
 
     Args:
         model: an initialized :class:`hkstore.HaikuModel`, or a snapshot of one
@@ -59,6 +63,7 @@ def save(
         metadata: free JSON-safe user metadata (round number, metrics...).
         workers: threads that hash while the file is written; ``None`` (default) for every
             core the process may use, 1 for none.
+        storage_options: for a URL, the filesystem's options (``endpoint_url``, ``key``...).
 
     Returns:
         The manifest written.
@@ -76,7 +81,7 @@ def save(
         {'round': 3}
     """
     content = archive_content(_state(model), functions=functions, metadata=metadata)
-    with atomic_write(path) as handle:
+    with destination(path, storage_options) as handle:
         return write_archive(
             handle, content, signer=signer, compression=compression, workers=workers
         )
@@ -122,8 +127,9 @@ def load(
     verify: bool = True,
     limits: Limits = DEFAULT_LIMITS,
     workers: int | None = None,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> HaikuModel:
-    """Load a model from an archive path or its bytes, on the loader's device policy.
+    """Load a model from an archive path, URL or bytes, on the loader's device policy.
 
     Weights, trainable mask, data info, seed and random state come from the archive. The
     functions come from the caller (``model=``, ``loss=``; nothing in the archive is imported
@@ -131,7 +137,8 @@ def load(
     :class:`hkstore.Trust`).
 
     Args:
-        source: a path or archive bytes.
+        source: a path, a URL (``s3://bucket/key.hkz``: read by range, tensors streamed and
+            hashed as they arrive; the ``cloud`` extra), or archive bytes.
         model: the model function (``hk.transform``-able); overrides the archive's.
         loss: the loss function ``loss(y_pred, y_true)``; overrides the archive's.
         trust: what the archive may make this process import or unpickle, and which keys
@@ -142,6 +149,7 @@ def load(
         limits: size and count limits for untrusted input.
         workers: threads that read and hash the weights; ``None`` (default) for every core
             the process may use, 1 for the calling thread only.
+        storage_options: for a URL, the filesystem's options (``endpoint_url``...).
 
     Returns:
         A new, initialized :class:`hkstore.HaikuModel`.
@@ -159,7 +167,9 @@ def load(
         >>> m.get_weight_names()[:2]
         ['mlp/~/linear_0:b', 'mlp/~/linear_0:w']
     """
-    with open_archive(source, limits=limits, workers=workers) as archive:
+    with open_archive(
+        source, limits=limits, workers=workers, storage_options=storage_options
+    ) as archive:
         state = read_state(archive, model=model, loss=loss, trust=trust, verify=verify)
     return HaikuModel.from_state(state)
 

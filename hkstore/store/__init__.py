@@ -7,7 +7,8 @@ names), ``_manifest``, ``_records`` and ``_canonical`` (the canonical JSON manif
 (the one thread-pool policy), ``_functions`` / ``_zstd`` / ``_pickle_scan`` (function references,
 the opt-in pickle blob, static pickle listing), ``_signing`` / ``_keys`` (Ed25519 and
 HMAC-SHA256), ``_trust`` and ``_gate`` (what a loader agrees to run), ``_limits``,
-``_atomic`` (durable writes), ``_archive`` (writing and lazily reading whole archives);
+``_atomic`` (durable writes), ``_remote`` (archives in object storage through fsspec: ranged
+reads, uploads once complete), ``_archive`` (writing and lazily reading whole archives);
 checkpoint directories without jax: ``_round_dir`` (the directory's files: naming, staging,
 publishing, removal, history files, the writer lock), ``_round_record`` (the round record and
 history documents), ``_rounds`` (writing, opening and verifying rounds), ``_retention``.
@@ -83,6 +84,9 @@ if TYPE_CHECKING:
     from hkstore.store._pickle_scan import pickle_globals as pickle_globals
     from hkstore.store._records import RNG_IMPLEMENTATIONS as RNG_IMPLEMENTATIONS
     from hkstore.store._records import RngRecord as RngRecord
+    from hkstore.store._remote import destination as destination
+    from hkstore.store._remote import is_url as is_url
+    from hkstore.store._remote import remote_filesystem as remote_filesystem
     from hkstore.store._retention import KeepBest as KeepBest
     from hkstore.store._retention import Retention as Retention
     from hkstore.store._round_dir import MODEL_MEMBER as MODEL_MEMBER
@@ -165,6 +169,9 @@ _INTERNAL: dict[str, str] = {
     "pickle_globals": "_pickle_scan",
     "RNG_IMPLEMENTATIONS": "_records",
     "RngRecord": "_records",
+    "destination": "_remote",
+    "is_url": "_remote",
+    "remote_filesystem": "_remote",
     "KeepBest": "_retention",
     "Retention": "_retention",
     "MODEL_MEMBER": "_round_dir",

@@ -32,6 +32,7 @@ from hkstore.store._gate import ROLES, resolve_functions
 from hkstore.store._limits import DEFAULT_LIMITS, Limits
 from hkstore.store._manifest import Manifest, decode_manifest, encode_manifest
 from hkstore.store._members import FUNCTIONS, MANIFEST, SIGNATURE, WEIGHTS, WEIGHTS_ZSTD
+from hkstore.store._remote import RemoteSource, is_url, local_path, remote_filesystem
 from hkstore.store._signing import (
     SignatureDocument,
     Signer,
@@ -232,14 +233,30 @@ class Archive:
     """
 
     def __init__(self, source: str | os.PathLike[str] | bytes | bytearray | memoryview,
-                 *, limits: Limits = DEFAULT_LIMITS, workers: int | None = None) -> None:
+                 *, limits: Limits = DEFAULT_LIMITS, workers: int | None = None,
+                 storage_options: Mapping[str, Any] | None = None) -> None:
         self.limits = limits
         self.workers = None if workers is None else resolve_workers(workers)
         self._fd: int | None = None
         self._src: ByteSource
+        #: the URL of an archive in object storage, else ``None``
+        self.url: str | None = None
+        if is_url(source):
+            assert isinstance(source, str)
+            local = local_path(source)
+            if local is not None:
+                source = local
         if isinstance(source, (bytes, bytearray, memoryview)):
             self._src = BufferSource(source)
             self.path: Path | None = None
+        elif is_url(source):
+            assert isinstance(source, str)
+            self.path = None
+            self.url = source
+            fs, key = remote_filesystem(source, storage_options)
+            self._src = RemoteSource(fs, key, name=source)
+            if self._src.size == 0:
+                raise ContainerError(f"{source}: empty object, not an hkstore archive")
         else:
             self.path = Path(source)
             try:
@@ -318,6 +335,8 @@ class Archive:
                 reader = WeightsReader(raw.data, 0, raw.size, self.limits, member=record.member)
             elif self._fd is not None:
                 reader = WeightsReader(self._fd, info.data_offset, info.size, self.limits)
+            elif isinstance(self._src, RemoteSource):
+                reader = WeightsReader(self._src, info.data_offset, info.size, self.limits)
             else:
                 assert isinstance(self._src, BufferSource)
                 reader = WeightsReader(self._src.view(), info.data_offset, info.size, self.limits)
@@ -776,27 +795,31 @@ def open_archive(
     *,
     limits: Limits = DEFAULT_LIMITS,
     workers: int | None = None,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> Archive:
     """Open an archive lazily: container, manifest and member sizes checked; no tensor read.
 
     Args:
-        source: a path, or the archive's bytes.
+        source: a path, a URL (``s3://bucket/key.hkz``, ``memory://...``; read by range
+            through fsspec, the ``cloud`` extra), or the archive's bytes.
         limits: size and count limits for untrusted input.
         workers: threads for reading and hashing tensors; ``None`` for every core the
             process may use (``os.sched_getaffinity``).
+        storage_options: for a URL, the filesystem's options (``endpoint_url``...).
 
     Returns:
         An :class:`Archive` (a context manager).
 
     Raises:
         ContainerError, ManifestError, UnsupportedVersionError, LimitExceededError.
+        MissingDependencyError: a URL without the ``cloud`` extra installed.
 
     Example:
         >>> with open_archive("round-3.hkz") as ar:
         ...     ar.names()[:2], ar.manifest.data_info
         (['mlp/~/linear_0:b', 'mlp/~/linear_0:w'], {'data_type': 'float32', 'features_shape': [3]})
     """
-    return Archive(source, limits=limits, workers=workers)
+    return Archive(source, limits=limits, workers=workers, storage_options=storage_options)
 
 
 def archive_bytes_writer() -> io.BytesIO:

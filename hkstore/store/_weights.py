@@ -62,6 +62,8 @@ from hkstore.store._workers import Scheduler
 if TYPE_CHECKING:
     import mmap
 
+    from hkstore.store._fileio import ByteSource
+
     from _typeshed import ReadableBuffer
 
 __all__ = [
@@ -624,11 +626,11 @@ def _hand_over(
 _scratch = threading.local()
 
 
-def _scratch_buffer() -> np.ndarray:
+def _scratch_buffer(size: int = _READ_CHUNK) -> np.ndarray:
     """This thread's reusable read buffer for ``verify`` (touched once, so no page faults)."""
     buf: np.ndarray | None = getattr(_scratch, "buf", None)
-    if buf is None:
-        buf = aligned_empty(_READ_CHUNK)
+    if buf is None or buf.size != size:
+        buf = aligned_empty(size)
         buf.fill(0)
         _scratch.buf = buf
     return buf
@@ -645,7 +647,8 @@ class WeightsReader:
     the digest table (``_digests``); reads run on a :class:`~hkstore.store._workers.Scheduler`.
 
     Args:
-        source: the archive as bytes, bytearray, memoryview or mmap, or an open file
+        source: the archive as bytes, bytearray, memoryview or mmap, a ranged-read source
+            (:class:`~hkstore.store._remote.RemoteSource`: an object in a remote store), or an open file
             descriptor (read with ``os.preadv``; nothing is memory-mapped).
         offset: where the member starts in ``source``.
         size: the member's size (default: to the end of ``source``).
@@ -667,7 +670,7 @@ class WeightsReader:
 
     def __init__(
         self,
-        source: bytes | bytearray | memoryview | mmap.mmap | int,
+        source: bytes | bytearray | memoryview | mmap.mmap | int | ByteSource,
         offset: int = 0,
         size: int | None = None,
         limits: Limits = DEFAULT_LIMITS,
@@ -677,10 +680,17 @@ class WeightsReader:
         self._member = member
         self._fd: int | None = None
         self._src: np.ndarray | None = None
+        self._bytes: ByteSource | None = None
+        self._chunk = _READ_CHUNK
         if isinstance(source, int):
             self._fd = source
             info = os.fstat(source)
             available = info.st_size - offset if stat.S_ISREG(info.st_mode) else None
+        elif not isinstance(source, (bytes, bytearray, memoryview)) and hasattr(source, "read_chunk"):
+            # a ranged-read source (an object in a remote store): fewer, bigger reads
+            self._bytes = source
+            self._chunk = max(_READ_CHUNK, getattr(source, "read_chunk", _READ_CHUNK))
+            available = source.size - offset
         else:
             self._src = np.frombuffer(source, dtype=np.uint8)
             available = self._src.size - offset
@@ -721,6 +731,9 @@ class WeightsReader:
     def _read_into(self, dst: np.ndarray, pos: int) -> None:
         """Fill ``dst`` (uint8) from member position ``pos``."""
         start = self.offset + pos
+        if self._bytes is not None:
+            self._bytes.readinto(start, dst.data)
+            return
         if self._fd is None:
             if self._src is None:
                 raise ValueError(f"{self._member}: reader is closed")
@@ -740,6 +753,8 @@ class WeightsReader:
     def _read_bytes(self, pos: int, n: int) -> bytes:
         """``n`` bytes from member position ``pos`` in one new ``bytes`` (no second copy)."""
         start = self.offset + pos
+        if self._bytes is not None:
+            return self._bytes.read(start, n)
         if self._fd is None:
             if self._src is None:
                 raise ValueError(f"{self._member}: reader is closed")
@@ -768,8 +783,8 @@ class WeightsReader:
         raw = aligned_empty(entry.nbytes)
         pos = self.header_size + entry.begin
         hasher = None if algorithm is None else new_hasher(algorithm)
-        for start in range(0, entry.nbytes, _READ_CHUNK):
-            piece = raw[start : start + _READ_CHUNK]
+        for start in range(0, entry.nbytes, self._chunk):
+            piece = raw[start : start + self._chunk]
             self._read_into(piece, pos + start)
             if hasher is not None:
                 hasher.update(piece.data)
@@ -957,12 +972,12 @@ class WeightsReader:
 
     def _digest_through_scratch(self, entry: TensorEntry, algorithm: str) -> tuple[str, bool]:
         """Hash one tensor through this thread's scratch buffer; ``(digest, bad BOOL byte)``."""
-        buf = _scratch_buffer()
+        buf = _scratch_buffer(self._chunk)
         hasher = new_hasher(algorithm)
         pos = self.header_size + entry.begin
         bad = False
-        for start in range(0, entry.nbytes, _READ_CHUNK):
-            piece = buf[: min(_READ_CHUNK, entry.nbytes - start)]
+        for start in range(0, entry.nbytes, buf.size):
+            piece = buf[: min(buf.size, entry.nbytes - start)]
             self._read_into(piece, pos + start)
             hasher.update(piece.data)
             if entry.dtype == "BOOL" and int(piece.max()) > 1:
