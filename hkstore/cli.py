@@ -13,7 +13,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from hkstore._cli._common import emit, emit_report, load_signer, load_trust, note, open_input
+from hkstore._cli._common import (
+    emit,
+    emit_report,
+    load_signer,
+    load_trust,
+    note,
+    open_input,
+    parse_storage_options,
+)
 from hkstore._cli._escape import printable
 from hkstore._cli._status import ExitCode, UsageError, run_verb
 from hkstore._version import __version__
@@ -83,7 +91,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     trust = _trust(args)
     reports: list[dict[str, Any]] = []
     outcome = run_checks(
-        lambda: open_input(args.archive, workers=args.workers), args.archive, trust,
+        lambda: open_input(args.archive, workers=args.workers, storage_options=_storage(args)),
+        args.archive, trust,
         functions=_code_check(args),
         digests=not args.headers_only,
         report=lambda archive, done: reports.append(
@@ -120,13 +129,19 @@ def cmd_verify(args: argparse.Namespace) -> int:
                 note(f"verify: {args.archive}: round {r['round']}: the {r['failed']['check']} "
                      "check failed")
         return code
-    outcome = run_checks(lambda: open_input(args.archive, workers=args.workers), args.archive,
-                         trust, functions=_code_check(args))
+    outcome = run_checks(
+        lambda: open_input(args.archive, workers=args.workers, storage_options=_storage(args)),
+        args.archive, trust, functions=_code_check(args),
+    )  # fmt: skip
     report = outcome.report()
     emit_report(report, render_verify, as_json=args.json)
     if outcome.failed is not None:
         note(f"verify: {args.archive}: the {outcome.failed['check']} check failed")
     return outcome.exit_code
+
+
+def _storage(args: argparse.Namespace) -> dict[str, Any]:
+    return parse_storage_options(args.storage_option)
 
 
 def _is_folder(args: argparse.Namespace) -> bool:
@@ -171,7 +186,8 @@ def cmd_sign(args: argparse.Namespace) -> int:
     from hkstore._cli._sign import sign_archive
 
     signer = load_signer(key=args.key, hmac_secret_file=args.hmac_secret_file)
-    outcome = sign_archive(args.archive, args.out or args.archive, signer, workers=args.workers)
+    outcome = sign_archive(args.archive, args.out or args.archive, signer, workers=args.workers,
+                           storage_options=_storage(args))
     if outcome.failed is not None:
         note(f"refusing to sign {args.archive}: the {outcome.failed['check']} check failed: "
              f"{outcome.failed['message']}")
@@ -184,7 +200,9 @@ def cmd_diff(args: argparse.Namespace) -> int:
     """Compare two archives tensor by tensor (equal digests are not read)."""
     from hkstore._cli._diff import diff_report, render_diff
 
-    with open_input(args.a) as a, open_input(args.b) as b:
+    options = _storage(args)
+    with open_input(args.a, storage_options=options) as a, \
+            open_input(args.b, storage_options=options) as b:
         report = diff_report(a, b, args.a, args.b)
     emit_report(report, render_diff, as_json=args.json)
     return ExitCode.OK
@@ -243,6 +261,13 @@ def _add_workers(p: argparse.ArgumentParser) -> None:
                    help="threads that read and hash (default: every core this process may use)")
 
 
+def _add_storage(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="an option of the filesystem for s3://... and other URLs (fsspec; "
+                        "e.g. endpoint_url=http://host:9000); repeatable. The usual AWS_* "
+                        "variables (AWS_ENDPOINT_URL...) apply too")
+
+
 def _add_trust(p: argparse.ArgumentParser) -> None:
     """The options of ``verify`` and ``inspect``: keys, and the policy whose verdict to give."""
     _add_keys(p)
@@ -295,6 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(fast on huge archives; then the verdict does not cover the tensors)")
     _add_trust(p)
     _add_workers(p)
+    _add_storage(p)
     p = verb("verify", cmd_verify, "check structure, schema, limits, every digest, signature",
              _VERIFY)
     p.add_argument("archive", metavar="ARCHIVE|DIR",
@@ -305,6 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true",
                    help="print hkstore-verify (or hkstore-verify-checkpoint) v1 JSON")
     _add_workers(p)
+    _add_storage(p)
     p = verb("keygen", cmd_keygen, "create an Ed25519 key pair NAME.key (0600) + NAME.pub")
     p.add_argument("name", metavar="NAME")
     p = verb("sign", cmd_sign, "verify an archive's digests, then (re-)sign it atomically")
@@ -314,10 +341,12 @@ def build_parser() -> argparse.ArgumentParser:
     who.add_argument("--hmac-secret-file", metavar="FILE", help="HMAC-SHA256 shared secret")
     p.add_argument("--out", metavar="FILE", help="write here instead of replacing ARCHIVE")
     _add_workers(p)
+    _add_storage(p)
     p = verb("diff", cmd_diff, "compare two archives tensor by tensor")
     p.add_argument("a", metavar="A")
     p.add_argument("b", metavar="B")
     p.add_argument("--json", action="store_true", help="print hkstore-diff v1 JSON")
+    _add_storage(p)
     p = verb("convert-declearn", cmd_convert_declearn,
              "convert a declearn 2.x HaikuModel checkpoint without unpickling it")
     p.add_argument("path", metavar="PATH",

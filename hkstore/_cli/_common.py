@@ -6,7 +6,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TextIO
 
 from hkstore._cli._escape import printable
@@ -25,6 +25,7 @@ __all__ = [
     "load_trust",
     "note",
     "open_input",
+    "parse_storage_options",
     "printable",
     "write_stderr",
 ]
@@ -33,7 +34,35 @@ __all__ = [
 PROGRESS_MIN_BYTES = 1 << 30
 
 
-def open_input(path: str, *, workers: int | None = None) -> Archive:
+def parse_storage_options(items: Sequence[str]) -> dict[str, Any]:
+    """Turn ``--storage-option KEY=VALUE`` items into fsspec storage options.
+
+    A value that is a JSON literal (``true``, ``false``, ``null``, a number) becomes that
+    value; any other value stays a string.
+
+    Raises:
+        UsageError: an item without ``=`` or with an empty key.
+
+    Example:
+        >>> parse_storage_options(["endpoint_url=http://127.0.0.1:9000", "anon=true"])
+        {'endpoint_url': 'http://127.0.0.1:9000', 'anon': True}
+    """
+    options: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UsageError(f"--storage-option: expected KEY=VALUE, got {item!r}")
+        try:
+            parsed = json.loads(value)
+        except ValueError:
+            parsed = value
+        options[key] = parsed if parsed is None or isinstance(parsed, (bool, int, float)) else value
+    return options
+
+
+def open_input(
+    path: str, *, workers: int | None = None, storage_options: Mapping[str, Any] | None = None
+) -> Archive:
     """Open an archive named on the command line (container and manifest checked).
 
     A path that does not exist, cannot be read or is not a regular file (a folder, a FIFO,
@@ -48,8 +77,13 @@ def open_input(path: str, *, workers: int | None = None) -> Archive:
             :func:`hkstore.store.open_archive`.
     """
     from hkstore.errors import ContainerError
-    from hkstore.store import open_archive, open_regular
+    from hkstore.store import is_url, local_path, open_archive, open_regular
 
+    if is_url(path):
+        local = local_path(path)
+        if local is None:
+            return _open_remote(path, workers, storage_options)
+        path = local
     try:
         fd = open_regular(path)
     except FileNotFoundError:
@@ -60,6 +94,27 @@ def open_input(path: str, *, workers: int | None = None) -> Archive:
         raise UsageError(f"{path}: cannot read: {exc.strerror}") from None
     os.close(fd)
     return open_archive(path, workers=workers)
+
+
+def _open_remote(
+    url: str, workers: int | None, storage_options: Mapping[str, Any] | None
+) -> Archive:
+    """Open an archive in object storage; a missing object or extra is a usage error."""
+    from hkstore.errors import MissingDependencyError
+    from hkstore.store import open_archive, remote_filesystem
+
+    try:
+        fs, key = remote_filesystem(url, storage_options)
+        kind = fs.info(key).get("type")
+    except MissingDependencyError as exc:
+        raise UsageError(str(exc)) from None
+    except FileNotFoundError:
+        raise UsageError(f"{url}: no such object") from None
+    except OSError as exc:
+        raise UsageError(f"{url}: cannot read: {exc}") from None
+    if kind != "file":
+        raise UsageError(f"{url}: is a {kind}, not an object")
+    return open_archive(url, workers=workers, storage_options=storage_options)
 
 
 def load_trust(

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from typing import TYPE_CHECKING, Any
 
 from hkstore._cli._common import human_bytes
@@ -66,7 +65,7 @@ def inspect_report(
         "format": REPORT_FORMAT,
         "version": REPORT_VERSION,
         "path": path,
-        "file_size": os.path.getsize(path),
+        "file_size": archive.size,
         "format_version": m.format_version,
         "writer": dict(m.writer.to_dict()),
         "members": [{"name": n, "size": i.size} for n, i in archive.members.items()],

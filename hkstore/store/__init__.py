@@ -86,6 +86,7 @@ if TYPE_CHECKING:
     from hkstore.store._records import RngRecord as RngRecord
     from hkstore.store._remote import destination as destination
     from hkstore.store._remote import is_url as is_url
+    from hkstore.store._remote import local_path as local_path
     from hkstore.store._remote import remote_filesystem as remote_filesystem
     from hkstore.store._retention import KeepBest as KeepBest
     from hkstore.store._retention import Retention as Retention
@@ -171,6 +172,7 @@ _INTERNAL: dict[str, str] = {
     "RngRecord": "_records",
     "destination": "_remote",
     "is_url": "_remote",
+    "local_path": "_remote",
     "remote_filesystem": "_remote",
     "KeepBest": "_retention",
     "Retention": "_retention",

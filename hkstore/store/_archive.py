@@ -285,6 +285,11 @@ class Archive:
             self.close()
             raise
 
+    @property
+    def size(self) -> int:
+        """The archive's size in bytes (of the file, object or buffer, when opened)."""
+        return self._src.size
+
     # -- structure ----------------------------------------------------------------------
 
     def _member_bytes(self, name: str) -> bytes:

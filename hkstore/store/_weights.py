@@ -57,14 +57,15 @@ from hkstore.store._digests import check_algorithm, digest_hex, new_hasher
 from hkstore.store._dtypes import DTYPES, dtype_for_code
 from hkstore.store._limits import DEFAULT_LIMITS, Limits
 from hkstore.store._members import WEIGHTS
+from hkstore.store._remote import RemoteSource
 from hkstore.store._workers import Scheduler
 
 if TYPE_CHECKING:
     import mmap
 
-    from hkstore.store._fileio import ByteSource
-
     from _typeshed import ReadableBuffer
+
+    from hkstore.store._fileio import ByteSource
 
 __all__ = [
     "TensorEntry",
@@ -648,8 +649,8 @@ class WeightsReader:
 
     Args:
         source: the archive as bytes, bytearray, memoryview or mmap, a ranged-read source
-            (:class:`~hkstore.store._remote.RemoteSource`: an object in a remote store), or an open file
-            descriptor (read with ``os.preadv``; nothing is memory-mapped).
+            (:class:`~hkstore.store._remote.RemoteSource`: an object in a remote store), or
+            an open file descriptor (read with ``os.preadv``; nothing is memory-mapped).
         offset: where the member starts in ``source``.
         size: the member's size (default: to the end of ``source``).
         limits: caps on header size and tensor count.
@@ -670,7 +671,7 @@ class WeightsReader:
 
     def __init__(
         self,
-        source: bytes | bytearray | memoryview | mmap.mmap | int | ByteSource,
+        source: bytes | bytearray | memoryview | mmap.mmap | int | RemoteSource,
         offset: int = 0,
         size: int | None = None,
         limits: Limits = DEFAULT_LIMITS,
@@ -686,10 +687,10 @@ class WeightsReader:
             self._fd = source
             info = os.fstat(source)
             available = info.st_size - offset if stat.S_ISREG(info.st_mode) else None
-        elif not isinstance(source, (bytes, bytearray, memoryview)) and hasattr(source, "read_chunk"):
+        elif isinstance(source, RemoteSource):
             # a ranged-read source (an object in a remote store): fewer, bigger reads
             self._bytes = source
-            self._chunk = max(_READ_CHUNK, getattr(source, "read_chunk", _READ_CHUNK))
+            self._chunk = max(_READ_CHUNK, source.read_chunk)
             available = source.size - offset
         else:
             self._src = np.frombuffer(source, dtype=np.uint8)
