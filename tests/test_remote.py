@@ -12,14 +12,13 @@ import hashlib
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, ClassVar
 
 import fsspec
 import numpy as np
 import pytest
-from fsspec.implementations.memory import MemoryFileSystem
 from helpers_archives import make_content, write_test_archive
 from helpers_cli import run_python
+from helpers_fsspec import CountingMemoryFS
 from helpers_models import CASES, device_policy, mlp_model, xent_loss
 
 import hkstore
@@ -43,39 +42,13 @@ def _cpu_policy() -> Iterator[None]:
         yield
 
 
-class CountingMemoryFS(MemoryFileSystem):
-    """fsspec's memory filesystem, counting the bytes its reads return (per instance)."""
-
-    protocol = "countmem"
-    store: ClassVar[dict[str, Any]] = {}  # its own objects, apart from memory://
-    pseudo_dirs: ClassVar[list[str]] = [""]
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.transferred = 0
-        self.requests = 0
-
-    @classmethod
-    def _strip_protocol(cls, path: str) -> str:
-        prefix = "countmem://"
-        return super()._strip_protocol(path[len(prefix) :] if path.startswith(prefix) else path)
-
-    def cat_file(self, path: str, start: int | None = None, end: int | None = None,
-                 **kwargs: Any) -> bytes:
-        data = super().cat_file(path, start=start, end=end, **kwargs)
-        self.transferred += len(data)
-        self.requests += 1
-        return bytes(data)
-
-
-fsspec.register_implementation("countmem", CountingMemoryFS, clobber=True)
 
 
 @pytest.fixture
 def fs() -> Iterator[CountingMemoryFS]:
     filesystem = fsspec.filesystem("countmem")
     assert isinstance(filesystem, CountingMemoryFS)
-    filesystem.transferred = filesystem.requests = 0
+    filesystem.reset()
     yield filesystem
     CountingMemoryFS.store.clear()
 
@@ -88,7 +61,7 @@ def big_tensors(n: int = 6, size: int = 3 * _READ_CHUNK // 4) -> dict[str, np.nd
 
 def upload(fs: CountingMemoryFS, local: Path, key: str) -> str:
     fs.put_file(str(local), key)
-    fs.transferred = fs.requests = 0
+    fs.reset()
     return f"countmem://{key.lstrip('/')}"
 
 
@@ -105,13 +78,13 @@ def test_open_reads_only_the_index_and_manifest(fs: CountingMemoryFS, tmp_path: 
         assert size > 4 << 20
         # one tensor: its bytes, plus the safetensors header once (checked against the manifest)
         name = "layer_3:w"
-        fs.transferred = 0
+        fs.reset()
         got = ar.tensor(name)
         header = ar.tensor_entries()  # already read: costs nothing more
         assert header[name].nbytes == tensors[name].nbytes
         np.testing.assert_array_equal(got, tensors[name])
         assert tensors[name].nbytes <= fs.transferred < tensors[name].nbytes + 4096
-        fs.transferred = 0
+        fs.reset()
         again = ar.tensor("layer_5:w")
         assert fs.transferred == tensors["layer_5:w"].nbytes
         np.testing.assert_array_equal(again, tensors["layer_5:w"])

@@ -3,6 +3,12 @@
 Usage (from a checkout, in a venv with hkstore installed)::
 
     python tools/kill_trials.py --trials 100 [--seed 1] [--dir DIR] [--json FILE]
+    python tools/kill_trials.py --trials 20 --dir s3://bucket/prefix \
+        --storage-option endpoint_url=http://127.0.0.1:9000
+
+``--dir`` may be an object-store URL (``s3://...``; the ``cloud`` extra): the writers then save
+to that prefix (each round made visible by its record, uploaded last; the lock is a lease), and
+the same checks run against it.
 
 Each trial starts a new writer process on the same directory (forked from a server process
 that has imported jax and hkstore, or with ``--spawn`` a fresh interpreter). The writer opens a
@@ -72,14 +78,16 @@ def _weights(step: int) -> dict[str, Any]:
 
 
 def writer(directory: str, background: bool, seed: int,
-           report: Callable[[str], None] = lambda line: print(line, flush=True)) -> int:
+           report: Callable[[str], None] = lambda line: print(line, flush=True),
+           storage_options: dict[str, Any] | None = None) -> int:
     """The process that gets killed: save rounds until killed, reporting each durable one."""
     import numpy as np
 
     from hkstore import Checkpointer, ModelState, RngState
 
     ckpt = Checkpointer(directory, keep_last=2, keep_every=5, keep_best=("loss", "min", 1),
-                        background=background, functions="none")
+                        background=background, functions="none",
+                        storage_options=storage_options)
     start = (ckpt.latest() or 0) + 1
     rng = random.Random(seed)
     report(f"ready {start}")
@@ -133,7 +141,8 @@ class _Writer:
     already imported jax and hkstore (``fork``: ~20 ms to start instead of ~1.5 s; the server
     never initialises a jax backend, and neither does the writer, which saves numpy arrays)."""
 
-    def __init__(self, mode: str, directory: Path, background: bool, seed: int) -> None:
+    def __init__(self, mode: str, directory: Path | str, background: bool, seed: int,
+                 storage_options: dict[str, Any] | None = None) -> None:
         self.mode = mode
         if mode == "spawn":
             import hkstore  # the writer imports the hkstore this process does
@@ -142,14 +151,16 @@ class _Writer:
             env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join(
                 [str(package), str(REPO / "tools"), os.environ.get("PYTHONPATH", "")]))
             cmd = [sys.executable, str(Path(__file__).resolve()), "--writer", str(directory),
-                   "--seed", str(seed)] + (["--background"] if background else [])
+                   "--seed", str(seed)] + (["--background"] if background else []) + [
+                   f"--storage-option={k}={v}" for k, v in (storage_options or {}).items()]
             self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                          text=True, env=env)
             return
         context = _fork_context()
         self.conn, child = context.Pipe(duplex=False)
         self.process = context.Process(target=_forked_writer,
-                                       args=(child, str(directory), background, seed))
+                                       args=(child, str(directory), background, seed,
+                                             storage_options))
         self.process.start()
         child.close()
 
@@ -202,23 +213,25 @@ def _fork_context() -> Any:
     return _CONTEXT
 
 
-def _forked_writer(conn: Any, directory: str, background: bool, seed: int) -> None:
-    writer(directory, background, seed, report=conn.send)
+def _forked_writer(conn: Any, directory: str, background: bool, seed: int,
+                   storage_options: dict[str, Any] | None) -> None:
+    writer(directory, background, seed, report=conn.send, storage_options=storage_options)
 
 
-def _check(directory: Path, reported: set[int], report: TrialReport, trial: int) -> None:
+def _check(directory: Path | str, reported: set[int], report: TrialReport, trial: int,
+           storage_options: dict[str, Any] | None = None) -> None:
     """The checks after a kill (see the module docstring)."""
     from hkstore import Checkpointer
     from hkstore.errors import CheckpointWarning, HkstoreError
-    from hkstore.store import RoundDirectory, open_round
+    from hkstore.store import open_round, round_directory
 
     def fail(message: str) -> None:
         report.failures.append(f"trial {trial}: {message}")
 
-    folder = RoundDirectory(directory)
+    folder = round_directory(str(directory), storage_options)
     for name in folder.incomplete():
         report.left_behind[name[:5] if name.startswith(".") else "round without record"] += 1
-    logged = {int(p.stem) for p in (directory / "history").glob("*.json")}
+    logged = set(folder.history())
     listed = folder.rounds()
     report.left_behind["round without history entry"] += len(set(listed) - logged)
     for number in listed:  # 1. nothing partial is listed
@@ -237,32 +250,37 @@ def _check(directory: Path, reported: set[int], report: TrialReport, trial: int)
     with warnings.catch_warnings():
         warnings.simplefilter("error", CheckpointWarning)
         try:  # 3. restore() gives the newest round, skipping nothing
-            got = Checkpointer(directory).restore(model=forward, loss=loss)
+            got = Checkpointer(directory, storage_options=storage_options).restore(
+                model=forward, loss=loss)
         except (HkstoreError, CheckpointWarning) as exc:
             fail(f"restore() failed: {type(exc).__name__}: {exc}")
             return
     if got.round != newest:
         fail(f"restore() returned round {got.round}, the newest complete round is {newest}")
-    history = {entry["round"] for entry in Checkpointer(directory).history()}
+    history = {entry["round"] for entry in
+               Checkpointer(directory, storage_options=storage_options).history()}
     if reported - history:  # 4.
         fail(f"history() lacks rounds reported saved: {sorted(reported - history)}")
 
 
-def run_trials(directory: Path, trials: int, *, seed: int = 0, window: float = 0.5,
-               mode: str = "fork", progress: bool = False) -> TrialReport:
+def run_trials(directory: Path | str, trials: int, *, seed: int = 0, window: float = 0.5,
+               mode: str = "fork", progress: bool = False,
+               storage_options: dict[str, Any] | None = None) -> TrialReport:
     """Run ``trials`` kill trials in ``directory`` (created if missing); return the report.
 
     ``mode``: ``"fork"`` (writers forked from a server that imported jax and hkstore once)
-    or ``"spawn"`` (a fresh interpreter per writer).
+    or ``"spawn"`` (a fresh interpreter per writer). ``directory`` may be an object-store URL
+    (then ``storage_options`` are the filesystem's options).
     """
-    directory.mkdir(parents=True, exist_ok=True)
+    if isinstance(directory, Path):
+        directory.mkdir(parents=True, exist_ok=True)
     chooser = random.Random(seed)
     report = TrialReport()
     reported: set[int] = set()
     began = time.perf_counter()
     for trial in range(trials + 1):  # the extra run only checks that the lock is free
         background = trial % 2 == 1
-        proc = _Writer(mode, directory, background, chooser.randrange(2**31))
+        proc = _Writer(mode, directory, background, chooser.randrange(2**31), storage_options)
         first = proc.next_line()
         if not first.startswith("ready"):
             _, _, err = proc.kill()
@@ -286,7 +304,7 @@ def run_trials(directory: Path, trials: int, *, seed: int = 0, window: float = 0
         report.background_trials += background
         report.saved += len(done)
         reported |= done
-        _check(directory, reported, report, trial)
+        _check(directory, reported, report, trial, storage_options)
         if progress:
             print(f"trial {trial + 1}/{trials}: {len(done)} rounds saved before the kill, "
                   f"{len(report.failures)} failure(s) so far", flush=True)
@@ -300,8 +318,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--window", type=float, default=0.5,
                         help="kill at a uniform random moment in [0, WINDOW] s after start-up")
-    parser.add_argument("--dir", type=Path, default=None,
-                        help="where the trials write (default: a new temp folder, removed)")
+    parser.add_argument("--dir", default=None,
+                        help="where the trials write, a folder or an object-store URL "
+                             "(default: a new temp folder, removed)")
+    parser.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
+                        help="an option of the object store's filesystem; repeatable")
     parser.add_argument("--json", type=Path, default=None, help="write the report there")
     parser.add_argument("--spawn", action="store_true",
                         help="start each writer as a fresh interpreter (slower; the default "
@@ -309,15 +330,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--writer", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--background", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    options = dict(item.split("=", 1) for item in args.storage_option) or None
     if args.writer:
-        return writer(args.writer, args.background, args.seed)
+        return writer(args.writer, args.background, args.seed, storage_options=options)
     from hkstore.model import set_device_policy
 
     set_device_policy(gpu=False)
     with tempfile.TemporaryDirectory(prefix="hkstore-kill-") as tmp:
-        report = run_trials(args.dir or Path(tmp), args.trials, seed=args.seed,
+        target = args.dir if args.dir and "://" in args.dir else Path(args.dir or tmp)
+        report = run_trials(target, args.trials, seed=args.seed,
                             window=args.window, mode="spawn" if args.spawn else "fork",
-                            progress=True)
+                            progress=True, storage_options=options)
     result = report.to_dict()
     print(json.dumps(result, indent=1))
     if args.json:

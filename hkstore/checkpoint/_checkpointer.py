@@ -35,8 +35,8 @@ from hkstore.model import HaikuModel, ModelState, archive_content, read_state
 from hkstore.store import (
     DEFAULT_LIMITS,
     FunctionKind,
+    Lease,
     Retention,
-    RoundDirectory,
     Signer,
     StateContent,
     Trust,
@@ -45,6 +45,7 @@ from hkstore.store import (
     open_round,
     reconcile_history,
     resolve_workers,
+    round_directory,
     round_history,
     rounds_metrics,
     write_round,
@@ -120,6 +121,12 @@ class Checkpointer:
         compression: ``None`` or ``"zstd"`` for the model archive's weights.
         workers: threads hashing and copying tensors when saving and restoring; ``None`` for
             every core the process may use (``os.sched_getaffinity``), as :func:`hkstore.save`.
+        storage_options: for a URL ``directory`` (``s3://bucket/runs/exp1``: a prefix in
+            object storage, through fsspec, the ``cloud`` extra), the filesystem's options.
+
+    In object storage a round becomes visible when its record, uploaded after its other
+    files, exists; retention deletes the record first; the lock is a lease object (see
+    ``docs/FORMAT.md`` section 13).
 
     Raises:
         TypeError: ``workers`` is not an int.
@@ -151,6 +158,7 @@ class Checkpointer:
         functions: FunctionKind = "reference",
         compression: Literal["zstd"] | None = None,
         workers: int | None = None,
+        storage_options: Mapping[str, Any] | None = None,
     ) -> None:
         self._retention = Retention.from_args(keep_last=keep_last, keep_every=keep_every,
                                               keep_best=keep_best)
@@ -162,12 +170,12 @@ class Checkpointer:
         if workers is not None:
             resolve_workers(workers)  # a bad count fails here, not in the first save
         self._workers = workers
-        self._dir = RoundDirectory(directory)
+        self._dir = round_directory(directory, storage_options)
         self._signer = signer
         self._functions: FunctionKind = functions
         self._compression = compression
         self._worker = BackgroundWorker() if background else None
-        self._lock: WriterLock | None = None
+        self._lock: WriterLock | Lease | None = None
         self._metrics: dict[int, dict[str, Any]] | None = None  # complete rounds (under lock)
         self._closed = False
         self._clean_if_free()
@@ -176,8 +184,8 @@ class Checkpointer:
         return f"Checkpointer({str(self._dir.path)!r})"
 
     @property
-    def directory(self) -> os.PathLike[str]:
-        """The checkpoint directory."""
+    def directory(self) -> os.PathLike[str] | str:
+        """The checkpoint directory (a path), or its URL in object storage."""
         return self._dir.path
 
     # -- the lock ---------------------------------------------------------------------------
@@ -282,6 +290,8 @@ class Checkpointer:
         state = None
         if flat is not None:
             state = StateContent(specs=flat.specs, fetch=flat.host, structure=flat.structure)
+        if self._lock is not None:
+            self._lock.renew()  # an object store's lease: still ours, and extended
         try:
             write_round(self._dir, round_, content, state=state, metrics=metrics,
                         retention=self._retention, signer=self._signer,

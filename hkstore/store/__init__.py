@@ -10,8 +10,10 @@ HMAC-SHA256), ``_trust`` and ``_gate`` (what a loader agrees to run), ``_limits`
 ``_atomic`` (durable writes), ``_remote`` (archives in object storage through fsspec: ranged
 reads, uploads once complete), ``_archive`` (writing and lazily reading whole archives);
 checkpoint directories without jax: ``_round_dir`` (the directory's files: naming, staging,
-publishing, removal, history files, the writer lock), ``_round_record`` (the round record and
-history documents), ``_rounds`` (writing, opening and verifying rounds), ``_retention``.
+publishing, removal, history files, the writer lock), ``_round_objects`` (the same on an
+object-store prefix: the record uploaded last, a lease for the one writer), ``_round_record``
+(the round record and history documents), ``_rounds`` (writing, opening and verifying
+rounds), ``_retention``.
 
 Two tiers of names, both resolved on first access (importing one submodule, as the CLI's
 ``inspect`` does, does not pay for the others):
@@ -97,6 +99,9 @@ if TYPE_CHECKING:
     from hkstore.store._round_dir import WriterLock as WriterLock
     from hkstore.store._round_dir import parse_round_folder as parse_round_folder
     from hkstore.store._round_dir import round_folder_name as round_folder_name
+    from hkstore.store._round_objects import Lease as Lease
+    from hkstore.store._round_objects import ObjectRoundDirectory as ObjectRoundDirectory
+    from hkstore.store._round_objects import round_directory as round_directory
     from hkstore.store._round_record import HistoryEntry as HistoryEntry
     from hkstore.store._round_record import RoundRecord as RoundRecord
     from hkstore.store._rounds import Round as Round
@@ -177,6 +182,9 @@ _INTERNAL: dict[str, str] = {
     "KeepBest": "_retention",
     "Retention": "_retention",
     "MODEL_MEMBER": "_round_dir",
+    "Lease": "_round_objects",
+    "ObjectRoundDirectory": "_round_objects",
+    "round_directory": "_round_objects",
     "RECORD_MEMBER": "_round_dir",
     "STATE_MEMBER": "_round_dir",
     "RoundDirectory": "_round_dir",

@@ -18,8 +18,9 @@ folder), renamed into place, and the parent fsynced; removal renames the folder 
 deletes the record first, so a crash never leaves a half-deleted round that looks complete.
 Temp, removal and replacement folders are cleaned by the next writer (under the lock).
 
-This class is the only code that touches a checkpoint directory's files: another storage
-backend (object storage) implements the same methods, and nothing above it changes.
+This class is the only code that touches a checkpoint directory's files: the object-store
+backend (``_round_objects.ObjectRoundDirectory``) implements the same methods, and nothing
+above it changes.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from hkstore.errors import (
     CheckpointExistsError,
@@ -51,6 +52,10 @@ from hkstore.errors import (
 )
 from hkstore.store._atomic import atomic_write, fsync_folder
 from hkstore.store._fileio import open_regular
+from hkstore.store._limits import Limits
+
+if TYPE_CHECKING:
+    from hkstore.store._archive import Archive
 
 __all__ = [
     "HISTORY_FOLDER",
@@ -214,6 +219,28 @@ class RoundDirectory:
                 f"{self.member_path(round_, member)}: no such file"
             ) from None
 
+    def open_archive(
+        self, round_: int, member: str, *, limits: Limits, workers: int | None = None
+    ) -> Archive:
+        """Open a round's archive (see :func:`~hkstore.store.open_archive`)."""
+        from hkstore.store._archive import Archive
+
+        return Archive(self.member_path(round_, member), limits=limits, workers=workers)
+
+    @contextlib.contextmanager
+    def open_source(self, round_: int, member: str) -> Iterator[tuple[int, int]]:
+        """Yield an open descriptor of one file of a round (regular files only) and its size.
+
+        Raises:
+            FileNotFoundError: the file does not exist.
+            ContainerError: it is a folder, FIFO, device or socket.
+        """
+        fd = open_regular(self.member_path(round_, member))
+        try:
+            yield fd, os.fstat(fd).st_size
+        finally:
+            os.close(fd)
+
     def read_member(self, round_: int, member: str, *, max_bytes: int) -> bytes:
         """Read one (small) file of a round, refusing one larger than ``max_bytes``.
 
@@ -289,10 +316,12 @@ class RoundDirectory:
             fsync_folder(made.parent)
 
     @contextlib.contextmanager
-    def stage(self, round_: int) -> Iterator[Staging]:
+    def stage(self, round_: int, *, overwrite: bool = False) -> Iterator[Staging]:
         """Write a round in a temp folder; :meth:`Staging.publish` makes it appear.
 
-        Leaving the block without publishing (an error) removes the temp folder.
+        Leaving the block without publishing (an error) removes the temp folder. (An existing
+        round is checked when publishing: ``overwrite`` is for the object-store directory's
+        signature.)
 
         Raises:
             CheckpointWriteError: the temp folder cannot be created.
@@ -580,6 +609,9 @@ class WriterLock:
     def held(self) -> bool:
         """Whether this object still holds the lock."""
         return self._fd is not None
+
+    def renew(self) -> None:
+        """Nothing to do: a ``flock`` lasts as long as its holder's file is open."""
 
     def release(self) -> None:
         """Release the lock (idempotent); the file stays, emptied."""

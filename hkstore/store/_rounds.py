@@ -14,11 +14,10 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from hkstore.errors import (
     CheckpointFormatError,
@@ -28,10 +27,10 @@ from hkstore.errors import (
     HkstoreError,
     WeightsFormatError,
 )
-from hkstore.store._archive import Archive, ArchiveContent, open_archive, write_archive
+from hkstore.store._archive import Archive, ArchiveContent, write_archive
 from hkstore.store._canonical import canonical_json
-from hkstore.store._fileio import open_regular
 from hkstore.store._limits import DEFAULT_LIMITS, Limits
+from hkstore.store._remote import RemoteSource
 from hkstore.store._retention import Retention
 from hkstore.store._round_dir import (
     MODEL_MEMBER,
@@ -41,6 +40,7 @@ from hkstore.store._round_dir import (
     Staging,
     round_folder_name,
 )
+from hkstore.store._round_objects import ObjectRoundDirectory, ObjectStaging
 from hkstore.store._round_record import (
     HistoryEntry,
     RoundRecord,
@@ -53,6 +53,9 @@ from hkstore.store._round_record import (
 from hkstore.store._signing import Signer
 from hkstore.store._trust import Trust
 from hkstore.store._workers import resolve_workers
+
+#: a checkpoint directory: a local folder or an object-store prefix (the same operations)
+Directory = RoundDirectory | ObjectRoundDirectory
 
 if TYPE_CHECKING:
     import numpy as np
@@ -89,7 +92,7 @@ class StateContent:
 
 
 def write_round(
-    directory: RoundDirectory,
+    directory: Directory,
     round_: int,
     model: ArchiveContent,
     *,
@@ -130,7 +133,7 @@ def write_round(
         As :func:`write_archive` for the content.
     """
     model.metadata = {"metrics": dict(metrics), "round": round_}
-    with directory.stage(round_) as staging, ThreadPoolExecutor(
+    with directory.stage(round_, overwrite=overwrite) as staging, ThreadPoolExecutor(
             1, thread_name_prefix="hkstore-state") as pool:
         # The state file is written on its own thread while this one writes the archive:
         # each hashes one tensor per core at a time (a tensor's SHA-256 cannot be split), so
@@ -162,7 +165,9 @@ def write_round(
     return record
 
 
-def _write_state(staging: Staging, state: StateContent, workers: int | None) -> dict[str, Any]:
+def _write_state(
+    staging: Staging | ObjectStaging, state: StateContent, workers: int | None
+) -> dict[str, Any]:
     """Write ``state.safetensors``; return the record's ``$.state`` (without ``member``)."""
     from hkstore.store._weights import write_weights
 
@@ -183,12 +188,12 @@ def _write_state(staging: Staging, state: StateContent, workers: int | None) -> 
     }
 
 
-def _where(directory: RoundDirectory, round_: int) -> str:
+def _where(directory: Directory, round_: int) -> str:
     return str(directory.member_path(round_, RECORD_MEMBER))
 
 
 def open_round(
-    directory: RoundDirectory, round_: int, *, limits: Limits = DEFAULT_LIMITS
+    directory: Directory, round_: int, *, limits: Limits = DEFAULT_LIMITS
 ) -> Round:
     """Read and check a round's record (nothing else is read yet).
 
@@ -212,7 +217,7 @@ def open_round(
 class Round:
     """One complete round, its record checked: open its archive, read or verify its state."""
 
-    def __init__(self, directory: RoundDirectory, record: RoundRecord, limits: Limits) -> None:
+    def __init__(self, directory: Directory, record: RoundRecord, limits: Limits) -> None:
         self.directory = directory
         self.record = record
         self.limits = limits
@@ -249,12 +254,14 @@ class Round:
         path = self._path(MODEL_MEMBER)
         want = self.record.model
         try:
-            size = os.stat(path).st_size
-        except FileNotFoundError:
+            size = self.directory.member_size(self.record.round, MODEL_MEMBER)
+        except CheckpointNotFoundError:
             raise CheckpointFormatError(f"{path}: missing (the record lists it)") from None
         if size != want.size:
             raise DigestMismatchError(f"{path}: {size} bytes, the round record says {want.size}")
-        archive = open_archive(path, limits=self.limits, workers=workers)
+        archive = self.directory.open_archive(
+            self.record.round, MODEL_MEMBER, limits=self.limits, workers=workers
+        )
         actual = hashlib.sha256(archive.manifest_bytes).hexdigest()
         if actual != want.manifest_sha256:
             archive.close()
@@ -282,19 +289,21 @@ class Round:
         path = self._path(STATE_MEMBER)
         if state is None:
             raise CheckpointFormatError(f"{self.record.where}: the round has no state")
-        try:
-            fd = open_regular(path)
-        except FileNotFoundError:
-            raise CheckpointFormatError(f"{path}: missing (the record lists it)") from None
-        except ContainerError as exc:  # a FIFO, device or folder: never opened for reading
-            raise CheckpointFormatError(str(exc)) from None
-        try:
-            size = os.fstat(fd).st_size
+        with contextlib.ExitStack() as stack:
+            try:
+                opened = self.directory.open_source(self.record.round, STATE_MEMBER)
+                source, size = cast(
+                    "tuple[int | RemoteSource, int]", stack.enter_context(opened)
+                )
+            except FileNotFoundError:
+                raise CheckpointFormatError(f"{path}: missing (the record lists it)") from None
+            except ContainerError as exc:  # a FIFO, device or folder; a missing object
+                raise CheckpointFormatError(str(exc)) from None
             if size != state.size:
                 raise DigestMismatchError(
                     f"{path}: {size} bytes, the round record says {state.size}"
                 )
-            with WeightsReader(fd, 0, size, self.limits, member=path) as reader:
+            with WeightsReader(source, 0, size, self.limits, member=path) as reader:
                 if reader.header_sha256 != state.header_sha256:
                     raise DigestMismatchError(
                         f"{path}: header sha256 {reader.header_sha256}, the round record says "
@@ -302,8 +311,6 @@ class Round:
                     )
                 _check_state_header(reader, self.record, path)
                 yield reader
-        finally:
-            os.close(fd)
 
     def read_state_tensors(
         self, *, verify: bool = True, workers: int | None = None
@@ -422,7 +429,7 @@ def _check_state_header(reader: WeightsReader, record: RoundRecord, path: str) -
 
 
 def round_history(
-    directory: RoundDirectory, *, limits: Limits = DEFAULT_LIMITS
+    directory: Directory, *, limits: Limits = DEFAULT_LIMITS
 ) -> list[HistoryEntry]:
     """Every round ever saved in ``directory``, in round order: number, time, metrics.
 
@@ -448,7 +455,7 @@ def round_history(
     return [entries[n] for n in sorted(entries)]
 
 
-def rounds_metrics(directory: RoundDirectory, *, limits: Limits = DEFAULT_LIMITS
+def rounds_metrics(directory: Directory, *, limits: Limits = DEFAULT_LIMITS
                    ) -> dict[int, dict[str, Any]]:
     """The metrics of every complete round (for retention and ``best``): from its history
     entry, else from its record; ``{}`` when neither reads. Only complete rounds are read."""
@@ -469,7 +476,7 @@ def rounds_metrics(directory: RoundDirectory, *, limits: Limits = DEFAULT_LIMITS
     return out
 
 
-def reconcile_history(directory: RoundDirectory, *, limits: Limits = DEFAULT_LIMITS) -> list[int]:
+def reconcile_history(directory: Directory, *, limits: Limits = DEFAULT_LIMITS) -> list[int]:
     """Write the history entry of every complete round whose entry is missing or stale.
 
     A writer that died between a round's rename and its history entry (or between replacing a

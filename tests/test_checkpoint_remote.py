@@ -1,0 +1,182 @@
+"""Checkpointer on an object-store prefix: record-last visibility, retention order, the lease,
+cleaning what a killed writer left, and kill trials against moto's S3 server.
+
+The fast cases run on fsspec's memory filesystem (``helpers_fsspec``: the transport logs each
+write and delete in order); the kill trials run ``tools/kill_trials.py`` against a real S3
+endpoint on loopback (``helpers_s3``).
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import fsspec
+import numpy as np
+import pytest
+from helpers_fsspec import CountingMemoryFS
+from helpers_models import CASES, device_policy
+from helpers_s3 import s3_server
+
+import hkstore
+from hkstore.errors import CheckpointExistsError, CheckpointLockedError
+from hkstore.store import ObjectRoundDirectory, round_directory
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tools"))
+
+import kill_trials  # noqa: E402
+
+CASE = CASES[0]
+PREFIX = "countmem://ckpt/run"
+KEY = "/ckpt/run"
+
+
+@pytest.fixture(autouse=True)
+def _cpu_policy() -> Iterator[None]:
+    with device_policy(gpu=False):
+        yield
+
+
+@pytest.fixture
+def fs() -> Iterator[CountingMemoryFS]:
+    filesystem = fsspec.filesystem("countmem")
+    assert isinstance(filesystem, CountingMemoryFS)
+    filesystem.reset()
+    yield filesystem
+    CountingMemoryFS.store.clear()
+
+
+def state(r: int) -> dict[str, object]:
+    return {"step": r, "m": np.full(6, float(r), dtype=np.float32)}
+
+
+def restore(ckpt: hkstore.Checkpointer) -> hkstore.checkpoint.Restored:
+    return ckpt.restore(model=CASE.model, loss=CASE.loss, state_like=state(0))
+
+
+def test_rounds_are_written_record_last_and_restored(fs: CountingMemoryFS) -> None:
+    model = CASE.build(seed=1)
+    with hkstore.Checkpointer(PREFIX, keep_last=2) as ckpt:
+        for r in (1, 2, 3):
+            ckpt.save(model, r, state=state(r), metrics={"loss": 1 / r})
+        assert ckpt.rounds() == [2, 3]
+        assert str(ckpt.directory) == PREFIX
+    puts = [key for op, key in fs.log if op == "put" and "/round-00000003/" in key]
+    assert puts[-1] == f"{KEY}/round-00000003/round.json"  # the record, last
+    assert set(puts[:-1]) == {f"{KEY}/round-00000003/model.hkz",
+                              f"{KEY}/round-00000003/state.safetensors"}
+    got = restore(hkstore.Checkpointer(PREFIX))
+    assert got.round == 3 and got.state["step"] == 3
+    np.testing.assert_array_equal(got.state["m"], state(3)["m"])
+    assert [h["round"] for h in hkstore.Checkpointer(PREFIX).history()] == [1, 2, 3]
+    assert not fs.exists(f"{KEY}/.lease")  # released by close()
+
+
+def test_retention_deletes_the_record_first(fs: CountingMemoryFS) -> None:
+    model = CASE.build()
+    with hkstore.Checkpointer(PREFIX, keep_last=1) as ckpt:
+        ckpt.save(model, 1, state=state(1))
+        fs.log.clear()
+        ckpt.save(model, 2, state=state(2))
+    removed = [key for op, key in fs.log if op == "rm" and "/round-00000001/" in key]
+    assert removed[0] == f"{KEY}/round-00000001/round.json", removed
+    assert len(removed) == 3
+    assert fs.find(f"{KEY}/round-00000001") == []
+
+
+def test_a_round_without_its_record_is_invisible_and_cleaned(fs: CountingMemoryFS) -> None:
+    """What a writer killed before the record leaves: files of round 3, no record."""
+    model = CASE.build()
+    with hkstore.Checkpointer(PREFIX) as ckpt:
+        ckpt.save(model, 1, state=state(1))
+        ckpt.save(model, 2, state=state(2))
+    leftover = f"{KEY}/round-00000003/model.hkz"
+    fs.pipe_file(leftover, fs.cat_file(f"{KEY}/round-00000002/model.hkz"))
+    fs.pipe_file(f"{KEY}/round-00000002/round.json.partial", b"x")  # stray object too
+    directory = ObjectRoundDirectory(PREFIX)
+    assert directory.rounds() == [1, 2] and directory.incomplete() == ["round-00000003"]
+    assert restore(hkstore.Checkpointer(PREFIX)).round == 2
+    assert not fs.exists(leftover)  # opening the prefix with no writer at work cleaned it
+    assert directory.incomplete() == []
+    with hkstore.Checkpointer(PREFIX) as ckpt:
+        ckpt.save(model, 3, state=state(3))
+    assert restore(hkstore.Checkpointer(PREFIX)).round == 3
+
+
+def test_overwrite_and_existing_rounds(fs: CountingMemoryFS) -> None:
+    model = CASE.build()
+    with hkstore.Checkpointer(PREFIX) as ckpt:
+        ckpt.save(model, 1, state=state(1))
+        with pytest.raises(CheckpointExistsError, match="round 1"):
+            ckpt.save(model, 1, state=state(1))
+        ckpt.save(model, 1, state=state(7), overwrite=True)
+    assert restore(hkstore.Checkpointer(PREFIX)).state["step"] == 7
+
+
+def test_two_writers_are_refused_by_the_lease(fs: CountingMemoryFS) -> None:
+    model = CASE.build()
+    first = hkstore.Checkpointer(PREFIX)
+    first.save(model, 1)
+    second = hkstore.Checkpointer(PREFIX)
+    with pytest.raises(CheckpointLockedError, match=f"pid .* on host {socket.gethostname()}"):
+        second.save(model, 2)
+    assert first.rounds() == [1]
+    first.close()
+    second.save(model, 2)  # released: the other writer may go on
+    second.close()
+    assert hkstore.Checkpointer(PREFIX).rounds() == [1, 2]
+
+
+def _lease(fs: CountingMemoryFS, **fields: object) -> None:
+    doc = {"expires": time.time() + 600, "host": "elsewhere", "owner": "someone",
+           "pid": 1, "since": "2026-01-01T00:00:00Z", **fields}
+    fs.pipe_file(f"{KEY}/.lease", json.dumps(doc).encode())
+
+
+def test_live_leases_refuse_stale_ones_are_taken_over(fs: CountingMemoryFS) -> None:
+    model = CASE.build()
+    _lease(fs)  # another host, not expired
+    with pytest.raises(CheckpointLockedError, match="on host elsewhere"):
+        hkstore.Checkpointer(PREFIX).save(model, 1)
+    _lease(fs, expires=time.time() - 1)  # expired
+    with hkstore.Checkpointer(PREFIX) as ckpt:
+        ckpt.save(model, 1)
+    dead = 2**22 + 12345  # above the default pid_max: no such process on this host
+    _lease(fs, host=socket.gethostname(), pid=dead)
+    with hkstore.Checkpointer(PREFIX) as ckpt:
+        ckpt.save(model, 2)
+    assert hkstore.Checkpointer(PREFIX).rounds() == [1, 2]
+
+
+def test_a_writer_whose_lease_was_taken_stops(fs: CountingMemoryFS) -> None:
+    model = CASE.build()
+    ckpt = hkstore.Checkpointer(PREFIX)
+    ckpt.save(model, 1)
+    _lease(fs)  # another writer took it over (ours had expired)
+    with pytest.raises(CheckpointLockedError, match="taken over"):
+        ckpt.save(model, 2)
+    assert not any("round-00000002" in key for _, key in fs.log)
+    ckpt.close()
+    assert fs.exists(f"{KEY}/.lease")  # not ours: left alone
+
+
+def test_file_urls_and_paths_get_the_local_directory(tmp_path: Path) -> None:
+    local = round_directory(f"file://{tmp_path}/ck")
+    assert type(local).__name__ == "RoundDirectory" and str(local.path) == f"{tmp_path}/ck"
+    assert isinstance(round_directory("memory://x/y"), ObjectRoundDirectory)
+
+
+def test_kill_trials_against_s3() -> None:
+    """Ten writers SIGKILLed at random moments while saving to a prefix on a real S3 server:
+    every listed round verifies, restore() returns the newest, history keeps every round,
+    and the next writer takes over the dead writer's lease and cleans its leftovers."""
+    with s3_server() as s3:
+        report = kill_trials.run_trials(s3.url("kill"), 10, seed=10, window=0.8,
+                                        storage_options=s3.options)
+    assert report.failures == [], report.failures
+    assert report.trials == 10 and report.saved > 0
