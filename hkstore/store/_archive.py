@@ -520,6 +520,13 @@ class Archive:
                 for name, array in arrays.items():
                     ready(name, array)
             return arrays
+        if isinstance(self._src, RemoteSource):
+            arrays = self._stream_remote(verify=verify, keep=True)
+            assert arrays is not None
+            if ready is not None:
+                for name, array in arrays.items():
+                    ready(name, array)
+            return arrays
         reader = self._weights_reader()
         return reader.read_all(
             self._tensor_digests() if verify else None,
@@ -624,12 +631,49 @@ class Archive:
         """
         if self._weights is None and self.manifest.weights.compression == "zstd":
             return self._check_zstd_digests(progress)
+        if isinstance(self._src, RemoteSource):
+            self._stream_remote(verify=True, keep=False, progress=progress)
+            return sum(e.nbytes for e in self._weights_reader().entries.values())
         return self._weights_reader().check_digests(
             self._tensor_digests(),
             algorithm=self.manifest.digest_algorithm,
             workers=self.workers if workers is None else workers,
             progress=progress,
         )
+
+    def _stream_remote(
+        self, *, verify: bool, keep: bool, progress: Callable[[int], None] | None = None
+    ) -> dict[str, np.ndarray] | None:
+        """Read a remote archive's tensors in one streamed request, hashing as they arrive.
+
+        The header was checked against the manifest first (:meth:`_weights_reader`); the
+        tensor data (which tiles the member) then comes front to back, each tensor into a
+        fresh buffer (``keep``) or through one scratch buffer: transfer and hashing overlap,
+        and memory stays bounded by the tensors kept.
+        """
+        from hkstore.store._weights import stream_tensors
+
+        assert isinstance(self._src, RemoteSource)
+        reader = self._weights_reader()
+        if self.manifest.weights.compression == "zstd":  # decompressed in memory already
+            if keep:
+                return reader.read_all(self._tensor_digests() if verify else None,
+                                       algorithm=self.manifest.digest_algorithm)
+            reader.check_digests(self._tensor_digests(),
+                                 algorithm=self.manifest.digest_algorithm, progress=progress)
+            return None
+        entries = sorted(reader.entries.values(), key=lambda e: e.begin)
+        info = self.members[self.manifest.weights.member]
+        stream = self._src.stream(info.data_offset + reader.header_size,
+                                  sum(e.nbytes for e in entries))
+        try:
+            return stream_tensors(
+                stream.readinto, entries, self._tensor_digests() if verify else None,
+                keep=keep, algorithm=self.manifest.digest_algorithm,
+                member=self.manifest.weights.member, progress=progress,
+            )  # fmt: skip
+        finally:
+            stream.close()
 
     def _check_zstd_digests(self, progress: Callable[[int], None] | None) -> int:
         """Hash zstd weights tensor by tensor as they are decompressed, in bounded memory."""

@@ -26,6 +26,7 @@ import contextlib
 import os
 import re
 import tempfile
+import threading
 from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any, BinaryIO
 from urllib.parse import unquote, urlsplit
@@ -37,6 +38,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CLOUD_EXTRA",
+    "RangeStream",
     "RemoteSource",
     "destination",
     "is_url",
@@ -51,6 +53,8 @@ CLOUD_EXTRA = "pip install 'hkstore[cloud]'"
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]+://")
 #: bytes per ranged request when a whole tensor is read (a request costs a round trip)
 REMOTE_CHUNK = 8 << 20
+#: bytes fetched at once at either end of an object (see :class:`RemoteSource`)
+EDGE = 64 << 10
 
 
 def is_url(source: object) -> bool:
@@ -109,10 +113,16 @@ def remote_filesystem(
 class RemoteSource:
     """A :class:`~hkstore.store._fileio.ByteSource` over one object, read by ranged requests.
 
-    ``size`` is the object's size when the source was made. Each read is one request for
+    ``size`` is the object's size when the source was made. A read is one request for
     exactly the bytes asked (``fs.cat_file`` with ``start``/``end``), copied into memory the
     reader owns; a reply of another length (the object was replaced or shortened since)
     raises :class:`~hkstore.errors.ContainerError`. Reads may come from several threads.
+
+    The first read within the last (or first) :data:`EDGE` bytes fetches that whole edge in
+    one request and serves later reads there from it: opening an archive reads its end
+    records, central directory, manifest and signature (all at the end) and the local
+    header and safetensors header of its weights (at the start), so two requests instead of
+    five or more, each a round trip.
 
     Attributes:
         read_chunk: bytes per request when a whole tensor is read.
@@ -124,6 +134,8 @@ class RemoteSource:
         self.fs = fs
         self.path = path
         self.name = name
+        self._edges: dict[str, tuple[int, bytes]] = {}
+        self._lock = threading.Lock()
         try:
             info = fs.info(path)
         except FileNotFoundError:
@@ -143,6 +155,19 @@ class RemoteSource:
             )
         if n == 0:
             return b""
+        for edge, start in (("tail", max(0, self.size - EDGE)), ("head", 0)):
+            if start <= offset and offset + n <= start + min(EDGE, self.size):
+                begin, data = self._edge(edge, start)
+                return data[offset - begin : offset - begin + n]
+        return self._fetch(offset, n)
+
+    def _edge(self, edge: str, start: int) -> tuple[int, bytes]:
+        with self._lock:
+            if edge not in self._edges:
+                self._edges[edge] = (start, self._fetch(start, min(EDGE, self.size - start)))
+            return self._edges[edge]
+
+    def _fetch(self, offset: int, n: int) -> bytes:
         data = self.fs.cat_file(self.path, start=offset, end=offset + n)
         if len(data) != n:
             raise ContainerError(
@@ -154,6 +179,72 @@ class RemoteSource:
     def readinto(self, offset: int, buffer: memoryview) -> None:
         """Fill ``buffer`` with the bytes at ``offset`` (one ranged request)."""
         buffer[:] = self.read(offset, buffer.nbytes)
+
+    def stream(self, offset: int, n: int) -> RangeStream:
+        """The bytes ``[offset, offset + n)`` as a stream read front to back (one request
+        where the filesystem can stream a reply: s3fs; ranged reads otherwise)."""
+        if offset < 0 or n < 0 or offset + n > self.size:
+            raise ContainerError(
+                f"stream of {n} bytes at offset {offset} runs past the end of the "
+                f"{self.size}-byte input"
+            )
+        return RangeStream(self, offset, n)
+
+
+class RangeStream:
+    """A byte range of an object arriving in order: :meth:`readinto` fills buffers in turn.
+
+    With s3fs the range is one ``GetObject`` whose body is read as it arrives (the client
+    buffers a little; memory stays bounded); with other filesystems each :meth:`readinto`
+    is one ranged read. Either way a reply shorter than the range raises
+    :class:`~hkstore.errors.ContainerError`.
+    """
+
+    def __init__(self, source: RemoteSource, offset: int, n: int) -> None:
+        self._source = source
+        self._pos = offset
+        self._end = offset + n
+        self._body: Any = None
+        fs = source.fs
+        if n and hasattr(fs, "set_session") and hasattr(fs, "split_path"):  # s3fs
+            from fsspec.asyn import sync
+
+            client = sync(fs.loop, fs.set_session)
+            bucket, key, version = fs.split_path(source.path)
+            extra = {"VersionId": version} if version else {}
+            reply = sync(fs.loop, client.get_object, Bucket=bucket, Key=key,
+                         Range=f"bytes={offset}-{offset + n - 1}", **extra)
+            self._body = reply["Body"]
+
+    def readinto(self, buffer: memoryview) -> int:
+        """Fill ``buffer`` with the next bytes of the range; return its size."""
+        want = buffer.nbytes
+        if self._pos + want > self._end:
+            raise ContainerError(f"{self._source.name}: read past the end of the stream")
+        if self._body is None:
+            self._source.readinto(self._pos, buffer)
+        else:
+            from fsspec.asyn import sync
+
+            done = 0
+            while done < want:
+                chunk = sync(self._source.fs.loop, self._body.read, want - done)
+                if not chunk:
+                    raise ContainerError(
+                        f"{self._source.name}: the reply ended at offset {self._pos + done}, "
+                        f"before {self._end} (the object was replaced or cut short?)"
+                    )
+                buffer[done : done + len(chunk)] = chunk
+                done += len(chunk)
+        self._pos += want
+        return want
+
+    def close(self) -> None:
+        """Drop the reply (what is left of it is not read)."""
+        body, self._body = self._body, None
+        if body is not None:
+            with contextlib.suppress(Exception):
+                body.close()
 
 
 @contextlib.contextmanager
