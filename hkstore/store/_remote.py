@@ -191,6 +191,19 @@ class RemoteSource:
         return RangeStream(self, offset, n)
 
 
+async def _fill(body: Any, buffer: memoryview) -> int:
+    """Read a streamed reply into ``buffer`` until it is full or the reply ends (one hop to
+    the event loop per buffer, not per network chunk); return the bytes read."""
+    done = 0
+    while done < buffer.nbytes:
+        chunk = await body.read(buffer.nbytes - done)
+        if not chunk:
+            break
+        buffer[done : done + len(chunk)] = chunk
+        done += len(chunk)
+    return done
+
+
 class RangeStream:
     """A byte range of an object arriving in order: :meth:`readinto` fills buffers in turn.
 
@@ -226,16 +239,12 @@ class RangeStream:
         else:
             from fsspec.asyn import sync
 
-            done = 0
-            while done < want:
-                chunk = sync(self._source.fs.loop, self._body.read, want - done)
-                if not chunk:
-                    raise ContainerError(
-                        f"{self._source.name}: the reply ended at offset {self._pos + done}, "
-                        f"before {self._end} (the object was replaced or cut short?)"
-                    )
-                buffer[done : done + len(chunk)] = chunk
-                done += len(chunk)
+            done = sync(self._source.fs.loop, _fill, self._body, buffer)
+            if done < want:
+                raise ContainerError(
+                    f"{self._source.name}: the reply ended at offset {self._pos + done}, "
+                    f"before {self._end} (the object was replaced or cut short?)"
+                )
         self._pos += want
         return want
 
