@@ -84,7 +84,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         )
 
         keys_given = bool(args.key or args.hmac_secret_file)
-        listing = inspect_checkpoint(resolve_target(args.archive, args.round),
+        listing = inspect_checkpoint(resolve_target(args.archive, args.round, _storage(args)),
                                      _trust(args) if keys_given else None)
         emit_report(listing, render_inspect_checkpoint, as_json=args.json)
         return inspect_exit_code(listing)
@@ -121,7 +121,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
             verify_checkpoint,
         )
 
-        target = resolve_target(args.archive, args.round)
+        target = resolve_target(args.archive, args.round, _storage(args))
         checked, code = verify_checkpoint(target, trust, workers=args.workers)
         emit_report(checked, render_verify_checkpoint, as_json=args.json)
         for r in checked["rounds"]:
@@ -148,7 +148,7 @@ def _is_folder(args: argparse.Namespace) -> bool:
     """Whether the input is a checkpoint directory or round (``--round`` needs one)."""
     from hkstore._cli._checkpoint import is_checkpoint_path
 
-    if is_checkpoint_path(args.archive):
+    if is_checkpoint_path(args.archive, _storage(args)):
         if _code_check(args) or args.allow_stdlib or args.allow_python_mismatch:
             raise UsageError(f"{args.archive}: --functions, --approve, --allow-module, "
                              "--allow-stdlib, --allow-pickle and --allow-python-mismatch "

@@ -18,6 +18,7 @@ from pathlib import Path
 import fsspec
 import numpy as np
 import pytest
+from helpers_cli import cli
 from helpers_fsspec import CountingMemoryFS
 from helpers_models import CASES, device_policy
 from helpers_s3 import s3_server
@@ -180,3 +181,29 @@ def test_kill_trials_against_s3() -> None:
                                         storage_options=s3.options)
     assert report.failures == [], report.failures
     assert report.trials == 10 and report.saved > 0
+
+
+def test_cli_inspects_and_verifies_a_prefix(fs: CountingMemoryFS) -> None:
+    model = CASE.build()
+    with hkstore.Checkpointer(PREFIX, keep_last=2) as ckpt:
+        for r in (1, 2, 3):
+            ckpt.save(model, r, state=state(r), metrics={"loss": 1 / r})
+    done = cli("verify", PREFIX)
+    assert done.returncode == 0, done.stderr
+    listing = cli("inspect", "--json", PREFIX)
+    assert listing.returncode == 0, listing.stderr
+    doc = json.loads(listing.stdout)
+    assert [r["round"] for r in doc["rounds"]] == [2, 3]
+    assert [h["round"] for h in doc["history"]] == [1, 2, 3]
+    one = cli("verify", f"{PREFIX}/round-00000003")
+    assert one.returncode == 0, one.stderr
+    # a flipped state byte fails that round's verify (exit 1), and restore() skips it
+    key = f"{KEY}/round-00000003/state.safetensors"
+    data = bytearray(fs.cat_file(key))
+    data[-1] ^= 1
+    fs.pipe_file(key, bytes(data))
+    bad = cli("verify", PREFIX)
+    assert bad.returncode == 1 and "round 3" in bad.stderr
+    with pytest.warns(hkstore.errors.CheckpointWarning, match="round 3"):
+        assert restore(hkstore.Checkpointer(PREFIX)).round == 2
+    assert cli("verify", "countmem://ckpt/none").returncode == 2

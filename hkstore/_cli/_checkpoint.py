@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -22,7 +23,7 @@ from hkstore._cli._status import ExitCode, UsageError, exit_code_for
 from hkstore.errors import HkstoreError
 
 if TYPE_CHECKING:
-    from hkstore.store import Round, RoundDirectory, Trust
+    from hkstore.store import ObjectRoundDirectory, Round, RoundDirectory, Trust
 
 __all__ = [
     "INSPECT_FORMAT",
@@ -48,25 +49,51 @@ class CheckpointTarget:
     """What the command line named: the directory and the rounds asked for (``None``: all)."""
 
     path: str
-    directory: RoundDirectory
+    directory: RoundDirectory | ObjectRoundDirectory
     rounds: list[int] | None
 
 
-def is_checkpoint_path(path: str) -> bool:
-    """Whether ``path`` names a folder (a checkpoint directory or one round of it)."""
-    return os.path.isdir(path)
+def is_checkpoint_path(path: str, storage_options: Mapping[str, Any] | None = None) -> bool:
+    """Whether ``path`` names a folder (a checkpoint directory or one round of it), or, for an
+    object-store URL, a prefix with objects under it and no object of its own."""
+    from hkstore.store import is_url, local_path
+
+    if is_url(path) and local_path(path) is None:
+        from hkstore.errors import MissingDependencyError
+        from hkstore.store import ObjectRoundDirectory
+
+        try:
+            prefix = ObjectRoundDirectory(path, storage_options)
+            if prefix.fs.isfile(prefix._key):
+                return False
+            return prefix.exists()
+        except MissingDependencyError as exc:
+            raise UsageError(str(exc)) from None
+    return os.path.isdir(local_path(path) or path)
 
 
-def resolve_target(path: str, round_: int | None) -> CheckpointTarget:
+def resolve_target(
+    path: str, round_: int | None, storage_options: Mapping[str, Any] | None = None
+) -> CheckpointTarget:
     """Turn ``DIR``, ``DIR --round N`` or ``DIR/round-N`` into a :class:`CheckpointTarget`.
+
+    ``DIR`` may be an object-store prefix (``s3://bucket/runs/exp1``).
 
     Raises:
         UsageError: a round folder with ``--round``, a folder that is neither a checkpoint
             directory nor a round of one, or a ``--round`` the directory does not have.
     """
-    from hkstore.store import RECORD_MEMBER, RoundDirectory, parse_round_folder
+    from hkstore.store import (
+        RECORD_MEMBER,
+        RoundDirectory,
+        is_url,
+        local_path,
+        parse_round_folder,
+    )
 
-    folder = Path(path)
+    if is_url(path) and local_path(path) is None:
+        return _resolve_remote(path, round_, storage_options)
+    folder = Path(local_path(path) or path)
     number = parse_round_folder(folder.resolve().name)
     if number is not None and (folder / RECORD_MEMBER).exists():
         if round_ is not None and round_ != number:
@@ -84,6 +111,31 @@ def resolve_target(path: str, round_: int | None) -> CheckpointTarget:
     return CheckpointTarget(path, directory, None)
 
 
+def _resolve_remote(
+    url: str, round_: int | None, storage_options: Mapping[str, Any] | None
+) -> CheckpointTarget:
+    from hkstore.store import ObjectRoundDirectory, parse_round_folder
+
+    head, _, leaf = url.rstrip("/").rpartition("/")
+    number = parse_round_folder(leaf)
+    if number is not None:
+        parent = ObjectRoundDirectory(head, storage_options)
+        if number in parent.rounds():
+            if round_ is not None and round_ != number:
+                raise UsageError(f"{url}: is round {number}; --round {round_} names another")
+            return CheckpointTarget(url, parent, [number])
+    directory = ObjectRoundDirectory(url, storage_options)
+    if not directory.rounds() and not directory.incomplete():
+        raise UsageError(f"{url}: neither a checkpoint prefix (no round-NNNNNNNN/ objects) nor "
+                         "an archive")
+    if round_ is not None:
+        if round_ not in directory.rounds():
+            listed = ", ".join(map(str, directory.rounds()[-10:])) or "none"
+            raise UsageError(f"{url}: no complete round {round_} (complete: {listed})")
+        return CheckpointTarget(url, directory, [round_])
+    return CheckpointTarget(url, directory, None)
+
+
 # --- inspect ----------------------------------------------------------------------------------
 
 
@@ -96,7 +148,6 @@ def inspect_checkpoint(target: CheckpointTarget, trust: Trust | None) -> dict[st
     """
     from hkstore.store import (
         Retention,
-        WriterLock,
         open_round,
         round_folder_name,
         round_history,
@@ -123,7 +174,7 @@ def inspect_checkpoint(target: CheckpointTarget, trust: Trust | None) -> dict[st
                          "size": None, "metrics": None, "kept_by": reasons.get(number, []),
                          "signature": None, "model": None, "state": None,
                          "error": errors.get(number, "not a complete round")})
-    lock = WriterLock.holder(directory.path)
+    lock = directory.writer()
     return {
         "format": INSPECT_FORMAT,
         "version": REPORT_VERSION,
@@ -273,7 +324,8 @@ def verify_checkpoint(
 
 
 def _verify_round(
-    directory: RoundDirectory, number: int, trust: Trust, workers: int | None
+    directory: RoundDirectory | ObjectRoundDirectory, number: int, trust: Trust,
+    workers: int | None,
 ) -> dict[str, Any]:
     from hkstore.store import open_round, round_folder_name
 

@@ -401,6 +401,10 @@ class RoundDirectory:
         """Take the writer lock (see :class:`WriterLock`)."""
         return WriterLock.acquire(self.path)
 
+    def writer(self) -> dict[str, Any] | None:
+        """Who holds the writer lock now (pid, host, since), or ``None`` when free."""
+        return WriterLock.holder(self.path)
+
 
 class Staging:
     """A round being written in a temp folder (made by :meth:`RoundDirectory.stage`)."""

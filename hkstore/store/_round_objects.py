@@ -330,6 +330,13 @@ class ObjectRoundDirectory:
         """Take the writer lease (see :class:`Lease`)."""
         return Lease.acquire(self)
 
+    def writer(self) -> dict[str, Any] | None:
+        """Who holds a live lease now (pid, host, since), or ``None``."""
+        found = Lease.holder(self)
+        if found is None or Lease._stale(found[0]):
+            return None
+        return dict(found[0])
+
 
 class ObjectStaging:
     """A round being written in place (made by :meth:`ObjectRoundDirectory.stage`)."""
