@@ -11,12 +11,14 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any, ClassVar
 
 import fsspec
+import pytest
 from fsspec.implementations.memory import MemoryFileSystem
 
-__all__ = ["CountingMemoryFS"]
+__all__ = ["CountingMemoryFS", "countmem_fs"]
 
 
 class CountingMemoryFS(MemoryFileSystem):
@@ -61,3 +63,14 @@ class CountingMemoryFS(MemoryFileSystem):
 
 
 fsspec.register_implementation("countmem", CountingMemoryFS, clobber=True)
+
+
+@pytest.fixture(name="fs")
+def countmem_fs() -> Iterator[CountingMemoryFS]:
+    """The fixture ``fs``: the ``countmem://`` filesystem, empty, its counters and log reset
+    (import ``countmem_fs`` into a test module to use it)."""
+    filesystem = fsspec.filesystem("countmem")
+    assert isinstance(filesystem, CountingMemoryFS)
+    filesystem.reset()
+    yield filesystem
+    CountingMemoryFS.store.clear()

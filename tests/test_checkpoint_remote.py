@@ -15,11 +15,10 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import fsspec
 import numpy as np
 import pytest
 from helpers_cli import cli
-from helpers_fsspec import CountingMemoryFS
+from helpers_fsspec import CountingMemoryFS, countmem_fs  # noqa: F401 (the fixture fs)
 from helpers_models import CASES, device_policy
 from helpers_s3 import s3_server
 
@@ -41,15 +40,6 @@ KEY = "/ckpt/run"
 def _cpu_policy() -> Iterator[None]:
     with device_policy(gpu=False):
         yield
-
-
-@pytest.fixture
-def fs() -> Iterator[CountingMemoryFS]:
-    filesystem = fsspec.filesystem("countmem")
-    assert isinstance(filesystem, CountingMemoryFS)
-    filesystem.reset()
-    yield filesystem
-    CountingMemoryFS.store.clear()
 
 
 def state(r: int) -> dict[str, object]:

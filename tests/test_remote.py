@@ -13,12 +13,11 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-import fsspec
 import numpy as np
 import pytest
 from helpers_archives import make_content, write_test_archive
 from helpers_cli import run_python
-from helpers_fsspec import CountingMemoryFS
+from helpers_fsspec import CountingMemoryFS, countmem_fs  # noqa: F401 (the fixture fs)
 from helpers_models import CASES, device_policy, mlp_model, xent_loss
 
 import hkstore
@@ -43,15 +42,6 @@ def _cpu_policy() -> Iterator[None]:
         yield
 
 
-
-
-@pytest.fixture
-def fs() -> Iterator[CountingMemoryFS]:
-    filesystem = fsspec.filesystem("countmem")
-    assert isinstance(filesystem, CountingMemoryFS)
-    filesystem.reset()
-    yield filesystem
-    CountingMemoryFS.store.clear()
 
 
 def big_tensors(n: int = 6, size: int = 3 * _READ_CHUNK // 4) -> dict[str, np.ndarray]:

@@ -99,10 +99,15 @@ def resolve_target(
         if round_ is not None and round_ != number:
             raise UsageError(f"{path}: is round {number}; --round {round_} names another")
         return CheckpointTarget(path, RoundDirectory(folder.resolve().parent), [number])
-    directory = RoundDirectory(folder)
+    return _whole(path, RoundDirectory(folder), round_, "is a folder, but neither a checkpoint "
+                  "directory (no round-NNNNNNNN folders) nor an archive")
+
+
+def _whole(path: str, directory: RoundDirectory | ObjectRoundDirectory, round_: int | None,
+           not_one: str) -> CheckpointTarget:
+    """The target for a whole directory (``--round`` picks one of its complete rounds)."""
     if not directory.rounds() and not directory.incomplete():
-        raise UsageError(f"{path}: is a folder, but neither a checkpoint directory (no "
-                         "round-NNNNNNNN folders) nor an archive")
+        raise UsageError(f"{path}: {not_one}")
     if round_ is not None:
         if round_ not in directory.rounds():
             listed = ", ".join(map(str, directory.rounds()[-10:])) or "none"
@@ -124,16 +129,8 @@ def _resolve_remote(
             if round_ is not None and round_ != number:
                 raise UsageError(f"{url}: is round {number}; --round {round_} names another")
             return CheckpointTarget(url, parent, [number])
-    directory = ObjectRoundDirectory(url, storage_options)
-    if not directory.rounds() and not directory.incomplete():
-        raise UsageError(f"{url}: neither a checkpoint prefix (no round-NNNNNNNN/ objects) nor "
-                         "an archive")
-    if round_ is not None:
-        if round_ not in directory.rounds():
-            listed = ", ".join(map(str, directory.rounds()[-10:])) or "none"
-            raise UsageError(f"{url}: no complete round {round_} (complete: {listed})")
-        return CheckpointTarget(url, directory, [round_])
-    return CheckpointTarget(url, directory, None)
+    return _whole(url, ObjectRoundDirectory(url, storage_options), round_,
+                  "neither a checkpoint prefix (no round-NNNNNNNN/ objects) nor an archive")
 
 
 # --- inspect ----------------------------------------------------------------------------------
