@@ -63,9 +63,7 @@ def _parse_params(text: str) -> int:
 
 def _inspect_archive(path: Path, megabytes: float) -> None:
     """An archive of ``megabytes`` MB of float32 tensors of 16 MiB (random bytes)."""
-    from hkstore.store import write_archive
-    from hkstore.store._archive import ArchiveContent
-    from hkstore.store._weights import TensorSpec
+    from hkstore.store import ArchiveContent, TensorSpec, write_archive
 
     n = max(1, int(megabytes * 1e6) // (16 << 20))
     rng = np.random.default_rng(0)

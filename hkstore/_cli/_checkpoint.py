@@ -64,9 +64,7 @@ def is_checkpoint_path(path: str, storage_options: Mapping[str, Any] | None = No
 
         try:
             prefix = ObjectRoundDirectory(path, storage_options)
-            if prefix.fs.isfile(prefix._key):
-                return False
-            return prefix.exists()
+            return not prefix.names_an_object() and prefix.exists()
         except MissingDependencyError as exc:
             raise UsageError(str(exc)) from None
     return os.path.isdir(local_path(path) or path)

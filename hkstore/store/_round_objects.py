@@ -141,6 +141,10 @@ class ObjectRoundDirectory:
                 rounds.setdefault(n, set()).add(member)
         return rounds
 
+    def names_an_object(self) -> bool:
+        """Whether the URL itself is an object (an archive, say), not a prefix."""
+        return bool(self.fs.isfile(self._key))
+
     def exists(self) -> bool:
         """Whether any object lies under the prefix."""
         return bool(self._listing())
