@@ -21,7 +21,8 @@ demo: install
 
 # lint, types, the suite (doctests included) on this checkout, then the built wheel: bare (no
 # jax: inspect/verify work) and with the suite run against it in a fresh venv; then the
-# declearn and Flower integrations, each in venvs of their own.
+# declearn and Flower integrations, each in venvs of their own. The test extra holds the cloud
+# extra and moto[server]: the object-storage tests start moto's S3 server on 127.0.0.1.
 test: install-dev
 	$(BIN)/ruff check hkstore tests tools examples conftest.py
 	$(BIN)/mypy

@@ -169,8 +169,17 @@ def test_kill_trials_against_s3() -> None:
     with s3_server() as s3:
         report = kill_trials.run_trials(s3.url("kill"), 10, seed=10, window=0.8,
                                         storage_options=s3.options)
-    assert report.failures == [], report.failures
-    assert report.trials == 10 and report.saved > 0
+        assert report.failures == [], report.failures
+        assert report.trials == 10 and report.saved > 0
+        # the control: the same checks do see a listed round whose archive is cut short
+        directory = ObjectRoundDirectory(s3.url("kill"), s3.options)
+        newest = directory.rounds()[-1]
+        key = f"{s3.bucket}/kill/round-{newest:08d}/model.hkz"
+        s3.fs().pipe_file(key, s3.fs().cat_file(key)[:100])
+        found = kill_trials.TrialReport()
+        kill_trials._check(s3.url("kill"), {10**6}, found, 0, s3.options)
+        assert any("does not verify" in f for f in found.failures), found.failures
+        assert any("reported saved but is gone" in f for f in found.failures), found.failures
 
 
 def test_cli_inspects_and_verifies_a_prefix(fs: CountingMemoryFS) -> None:
