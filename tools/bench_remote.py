@@ -15,12 +15,19 @@ Cases:
 - ``inspect_remote``: ``hkstore inspect --headers-only s3://...`` (the verb run in this process)
   on an archive of ``--inspect-mb`` MB: time and bytes transferred;
 - ``download_object``: ``fs.get_file`` of the same object to a local file (what inspecting it
-  would cost without ranged reads): time and bytes;
+  would cost without ranged reads): time and bytes (s3fs first opens a GetObject of the whole
+  object, reads its headers, drops it and downloads in concurrent parts: the counted
+  Content-Length is then twice the object, the bytes transferred about once);
+  ``download_object_one_stream``: the same with ``max_concurrency=1`` (one streamed GET);
+- ``ranged_get_100_bytes``: one ``fs.cat_file`` of 100 bytes of that object: the cost of one
+  request (moto's server reads the whole object to answer a ranged GET, so on moto this grows
+  with the object's size; a real S3 endpoint does not);
 - ``load_remote``: ``hkstore.load("s3://...", model=fn, loss=fn)`` of the ReLU MLP of
   ``tools/bench_models.py`` sized to ``--load-params`` (every digest checked; tensors streamed
   and hashed as they arrive on every core);
 - ``get_then_load``: ``fs.get_file`` of that archive to a local file, then ``hkstore.load`` of
-  the file (every digest checked): the baseline.
+  the file (every digest checked): the baseline; ``get_one_stream_then_load``: the same with
+  ``max_concurrency=1``.
 
 Ratios: ``inspect_time_vs_download`` and ``inspect_bytes_vs_object`` (lower is better), and
 ``load_remote_vs_get_then_load`` (target <= 1.0).
@@ -136,7 +143,18 @@ def bench_remote(inspect_mb: float, load_params: int, reps: int, work: Path) -> 
             traffic["download_object"] = counter.bytes
             got.unlink()
 
-        times = _rounds({"inspect_remote": inspect, "download_object": download}, reps)
+        def download_one_stream() -> None:
+            counter.reset()
+            fs.get_file(f"{s3.bucket}/inspect.hkz", str(got), max_concurrency=1)
+            traffic["download_object_one_stream"] = counter.bytes
+            got.unlink()
+
+        def ranged_get() -> None:
+            fs.cat_file(f"{s3.bucket}/inspect.hkz", start=0, end=100)
+
+        times = _rounds({"inspect_remote": inspect, "download_object": download,
+                         "download_object_one_stream": download_one_stream,
+                         "ranged_get_100_bytes": ranged_get}, reps)
         result["inspect"] = {"object_bytes": size, "bytes": dict(traffic), **_summary(times)}
         fs.rm_file(f"{s3.bucket}/inspect.hkz")
         # -- verified load against get + local verified load
@@ -170,7 +188,13 @@ def bench_remote(inspect_mb: float, load_params: int, reps: int, work: Path) -> 
             got.unlink()
             traffic["get_then_load"] = counter.bytes
 
-        times = _rounds({"load_remote": load_remote, "get_then_load": get_then_load}, reps)
+        def get_one_stream_then_load() -> None:
+            fs.get_file(f"{s3.bucket}/model.hkz", str(got), max_concurrency=1)
+            check(hkstore.load(got, model=fn, loss=bench_models.mse))
+            got.unlink()
+
+        times = _rounds({"load_remote": load_remote, "get_then_load": get_then_load,
+                         "get_one_stream_then_load": get_one_stream_then_load}, reps)
         result["load"] = {"object_bytes": load_size, "params": load_params,
                           "bytes": {k: traffic[k] for k in ("load_remote", "get_then_load")},
                           **_summary(times)}
@@ -180,8 +204,12 @@ def bench_remote(inspect_mb: float, load_params: int, reps: int, work: Path) -> 
         "inspect_time_vs_download": ins["inspect_remote"]["median_ms"]
         / ins["download_object"]["median_ms"],
         "inspect_bytes_vs_object": ins["bytes"]["inspect_remote"] / ins["object_bytes"],
+        "inspect_time_vs_download_one_stream": ins["inspect_remote"]["median_ms"]
+        / ins["download_object_one_stream"]["median_ms"],
         "load_remote_vs_get_then_load": ld["load_remote"]["median_ms"]
         / ld["get_then_load"]["median_ms"],
+        "load_remote_vs_get_one_stream_then_load": ld["load_remote"]["median_ms"]
+        / ld["get_one_stream_then_load"]["median_ms"],
     }
     return result
 
@@ -191,13 +219,15 @@ def print_results(result: dict[str, Any]) -> None:
     ins, ld = result["inspect"], result["load"]
     print(f"inspect --headers-only of a {ins['object_bytes'] / 1e6:.0f} MB object: "
           f"{ins['inspect_remote']['median_ms']:.1f} ms, {ins['bytes']['inspect_remote']} bytes; "
-          f"download: {ins['download_object']['median_ms']:.1f} ms, "
-          f"{ins['bytes']['download_object']} bytes")
+          f"download: {ins['download_object']['median_ms']:.1f} ms (one stream: "
+          f"{ins['download_object_one_stream']['median_ms']:.1f} ms); one ranged GET of 100 "
+          f"bytes: {ins['ranged_get_100_bytes']['median_ms']:.1f} ms")
     print(f"verified load of a {ld['object_bytes'] / 1e6:.0f} MB archive: remote "
           f"{ld['load_remote']['median_ms']:.0f} ms "
           f"[{ld['load_remote']['min_ms']:.0f}-{ld['load_remote']['max_ms']:.0f}], get + local "
           f"{ld['get_then_load']['median_ms']:.0f} ms "
-          f"[{ld['get_then_load']['min_ms']:.0f}-{ld['get_then_load']['max_ms']:.0f}]")
+          f"[{ld['get_then_load']['min_ms']:.0f}-{ld['get_then_load']['max_ms']:.0f}], one-stream "
+          f"get + local {ld['get_one_stream_then_load']['median_ms']:.0f} ms")
     for key, value in result["ratios"].items():
         print(f"  {key:<32}{value:.4g}")
 
