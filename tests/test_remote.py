@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import pytest
 from helpers_archives import make_content, write_test_archive
-from helpers_cli import run_python
+from helpers_cli import cli, run_python
 from helpers_fsspec import CountingMemoryFS, countmem_fs  # noqa: F401 (the fixture fs)
 from helpers_models import CASES, device_policy, mlp_model, xent_loss
 
@@ -254,3 +254,23 @@ def test_digest_of_remote_bytes_is_the_manifests(fs: CountingMemoryFS, tmp_path:
         raw = ar.tensor(first).tobytes()
         assert hashlib.sha256(raw).hexdigest() == ar.manifest.digests[first]
     assert sys.modules.get("fsspec") is not None
+
+
+def test_cli_signs_and_diffs_objects(fs: CountingMemoryFS, tmp_path: Path) -> None:
+    secret = tmp_path / "ops.secret"
+    secret.write_bytes(b"s" * 32)
+    key = HmacKey(b"s" * 32)
+    upload(fs, write_test_archive(tmp_path / "a.hkz"), "/b/a.hkz")
+    done = cli("sign", "countmem://b/a.hkz", "--hmac-secret-file", secret,
+               "--out", "countmem://b/signed.hkz")
+    assert done.returncode == 0, done.stderr
+    with open_archive("countmem://b/signed.hkz") as ar:
+        assert ar.verify(Trust(keys=[key], require_signature=True)).signed_by == key.key_id
+    ok = cli("verify", "countmem://b/signed.hkz", "--hmac-secret-file", secret,
+             "--require-signature")
+    assert ok.returncode == 0, ok.stderr
+    unsigned = cli("verify", "countmem://b/a.hkz", "--hmac-secret-file", secret,
+                   "--require-signature")
+    assert unsigned.returncode == 1
+    same = cli("diff", "countmem://b/a.hkz", "countmem://b/signed.hkz")
+    assert same.returncode == 0, same.stderr
