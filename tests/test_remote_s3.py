@@ -199,3 +199,24 @@ def test_killed_remote_saves_leave_a_complete_object(s3: S3Server, tmp_path: Pat
             assert ar.manifest.metadata["i"] >= 1
             last = ar.manifest.metadata["i"]
     assert last >= 1
+
+
+def test_read_weights_holds_the_tensors_and_little_more(
+    s3: S3Server, big: tuple[str, Path], counter: GetCounter
+) -> None:
+    """A verified read of every tensor (what ``load`` does) keeps the tensors it returns and
+    a few buffers: never the archive a second time, whatever the number of workers."""
+    url, local = big
+    with open_archive(url, storage_options=s3.options) as ar:
+        tracemalloc.start()
+        try:
+            arrays = ar.read_weights()
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+    held = sum(a.nbytes for a in arrays.values())
+    assert held == 48 * MiB
+    assert peak < held + 8 * MiB, peak - held
+    assert counter.requests == 3
+    with open_archive(local) as ar:
+        np.testing.assert_array_equal(arrays["block_05:w"], ar.tensor("block_05:w"))
