@@ -229,7 +229,7 @@ def print_results(result: dict[str, Any]) -> None:
           f"[{ld['get_then_load']['min_ms']:.0f}-{ld['get_then_load']['max_ms']:.0f}], one-stream "
           f"get + local {ld['get_one_stream_then_load']['median_ms']:.0f} ms")
     for key, value in result["ratios"].items():
-        print(f"  {key:<32}{value:.4g}")
+        print(f"  {key:<42}{value:.4g}")
 
 
 def main(argv: list[str] | None = None) -> int:
