@@ -29,8 +29,10 @@ Cases:
   the file (every digest checked): the baseline; ``get_one_stream_then_load``: the same with
   ``max_concurrency=1``.
 
-Ratios: ``inspect_time_vs_download`` and ``inspect_bytes_vs_object`` (lower is better), and
-``load_remote_vs_get_then_load`` (target <= 1.0).
+Ratios (of medians): ``inspect_time_vs_download`` (and ``_one_stream``) and
+``inspect_bytes_vs_object`` (lower is better), ``load_remote_vs_get_then_load`` (and
+``_one_stream_``; target <= 1.0); ``per_round_ratios`` gives the one-stream ratios round by
+round (both cases of a round ran under the same load).
 
 The server is a Python process on the same machine: its throughput, not a network, bounds
 both sides, and both sides pay it alike.
@@ -200,6 +202,18 @@ def bench_remote(inspect_mb: float, load_params: int, reps: int, work: Path) -> 
                           **_summary(times)}
         counter.close()
     ins, ld = result["inspect"], result["load"]
+
+    def per_round(section: dict[str, Any], a: str, b: str) -> list[float]:
+        """Ratios of the two cases round by round (each pair ran under the same load)."""
+        return [x / y for x, y in zip(section[a]["samples_ms"], section[b]["samples_ms"],
+                                      strict=True)]
+
+    result["per_round_ratios"] = {
+        "inspect_time_vs_download_one_stream": per_round(ins, "inspect_remote",
+                                                         "download_object_one_stream"),
+        "load_remote_vs_get_one_stream_then_load": per_round(ld, "load_remote",
+                                                             "get_one_stream_then_load"),
+    }
     result["ratios"] = {
         "inspect_time_vs_download": ins["inspect_remote"]["median_ms"]
         / ins["download_object"]["median_ms"],
@@ -230,6 +244,8 @@ def print_results(result: dict[str, Any]) -> None:
           f"get + local {ld['get_one_stream_then_load']['median_ms']:.0f} ms")
     for key, value in result["ratios"].items():
         print(f"  {key:<42}{value:.4g}")
+    for key, values in result["per_round_ratios"].items():
+        print(f"  {key} per round: " + " ".join(f"{v:.2f}" for v in values))
 
 
 def main(argv: list[str] | None = None) -> int:
