@@ -206,3 +206,29 @@ def test_cli_inspects_and_verifies_a_prefix(fs: CountingMemoryFS) -> None:
     with pytest.warns(hkstore.errors.CheckpointWarning, match="round 3"):
         assert restore(hkstore.Checkpointer(PREFIX)).round == 2
     assert cli("verify", "countmem://ckpt/none").returncode == 2
+
+
+def test_an_interrupted_replacement_keeps_one_complete_round(fs: CountingMemoryFS) -> None:
+    """A writer killed while replacing round 1 (``overwrite=True``) after the old record was
+    deleted: round 1 is read from the complete replacement, then put in place by the next
+    writer."""
+    model = CASE.build()
+    with hkstore.Checkpointer(PREFIX) as ckpt:
+        ckpt.save(model, 1, state=state(1))
+    with hkstore.Checkpointer(f"{PREFIX}-new") as ckpt:
+        ckpt.save(model, 1, state=state(7))
+    temp = f"{KEY}/.tmp-round-00000001-0a1b2c3d"
+    for member in ("model.hkz", "state.safetensors", "round.json"):
+        fs.pipe_file(f"{temp}/{member}", fs.cat_file(f"{KEY}-new/round-00000001/{member}"))
+    fs.rm_file(f"{KEY}/round-00000001/round.json")  # the kill came right after this
+    directory = ObjectRoundDirectory(PREFIX)
+    assert directory.rounds() == [1]
+    assert directory.member_path(1, "model.hkz").endswith(".tmp-round-00000001-0a1b2c3d/model.hkz")
+    with hkstore.Checkpointer(PREFIX) as ckpt:  # no writer at work: it finishes the job
+        assert restore(ckpt).state["step"] == 7
+    assert fs.exists(f"{KEY}/round-00000001/round.json") and not fs.find(temp)
+    assert restore(hkstore.Checkpointer(PREFIX)).state["step"] == 7
+    # and a replacement left incomplete (no record) is dropped, the old round kept
+    fs.pipe_file(f"{KEY}/.tmp-round-00000001-99/model.hkz", b"partial")
+    assert hkstore.Checkpointer(PREFIX).rounds() == [1]
+    assert not fs.find(f"{KEY}/.tmp-round-00000001-99")

@@ -13,6 +13,10 @@ Object stores have no rename and no folders, so a round is written in place and 
 round is listed, restored and verified only once ``round-N/round.json`` exists. Removal
 deletes the record first, so a half-deleted round never looks complete. Files of a round left
 without a record (a writer killed mid-round) are deleted by the next writer, under the lease.
+Replacing a round (``overwrite=True``) writes the new round completely under
+``.tmp-round-N-<hex>/`` first, and copies it into place only after the old record is gone;
+readers list round N from that complete replacement meanwhile, so one complete round N is
+listed at every moment.
 
 One writer at a time: there is no ``flock``, so a writer holds a lease object created with an
 exclusive create (S3 ``If-None-Match: *``) and renewed at each round; another writer is
@@ -32,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import secrets
 import socket
 import time
@@ -76,6 +81,8 @@ __all__ = [
 ]
 
 LEASE_FILE = ".lease"
+_TEMP = ".tmp-"
+_TEMP_RE = re.compile(r"\.tmp-(round-[0-9]{8,})-[0-9a-f]+")
 #: A lease not renewed for this long may be taken over by another writer.
 LEASE_SECONDS = 600.0
 _MAX_HISTORY_BYTES = 1 << 20
@@ -104,12 +111,22 @@ class ObjectRoundDirectory:
     def _object(self, *parts: str) -> str:
         return "/".join((self._key, *parts))
 
+    def _prefix_of(self, round_: int) -> str:
+        """Where round ``round_``'s files are: ``round-N``, or a complete replacement
+        ``.tmp-round-N-<hex>`` while ``round-N`` has no record (13.11)."""
+        name = round_folder_name(round_)
+        record = self._object(name, RECORD_MEMBER)
+        self.fs.invalidate_cache(record)
+        if self.fs.exists(record):
+            return name
+        return self._replacements().get(round_, name)
+
     def _member_key(self, round_: int, member: str) -> str:
-        return self._object(round_folder_name(round_), member)
+        return self._object(self._prefix_of(round_), member)
 
     def member_path(self, round_: int, member: str) -> str:
         """The URL of one file of a round."""
-        return f"{self.path}/{round_folder_name(round_)}/{member}"
+        return f"{self.path}/{self._prefix_of(round_)}/{member}"
 
     def round_path(self, round_: int) -> str:
         """The URL prefix of a round."""
@@ -132,14 +149,38 @@ class ObjectRoundDirectory:
                 out[name[start:]] = int(info.get("size") or 0)
         return out
 
-    def _round_files(self) -> dict[int, set[str]]:
-        rounds: dict[int, set[str]] = {}
+    def _folders(self) -> dict[str, set[str]]:
+        """The first-level prefixes and the objects in each (``history`` included)."""
+        folders: dict[str, set[str]] = {}
         for name in self._listing():
             folder, _, member = name.partition("/")
+            if member and "/" not in member:
+                folders.setdefault(folder, set()).add(member)
+        return folders
+
+    def _round_files(self) -> dict[int, set[str]]:
+        rounds: dict[int, set[str]] = {}
+        for folder, members in self._folders().items():
             n = parse_round_folder(folder)
-            if n is not None and member and "/" not in member:
-                rounds.setdefault(n, set()).add(member)
+            if n is not None:
+                rounds[n] = members
         return rounds
+
+    def _temps(self) -> dict[str, tuple[int, bool]]:
+        """``.tmp-round-N-<hex>`` prefixes: ``{name: (N, holds a record)}``."""
+        out = {}
+        for folder, members in self._folders().items():
+            match = _TEMP_RE.fullmatch(folder)
+            n = None if match is None else parse_round_folder(match.group(1))
+            if n is not None:
+                out[folder] = (n, RECORD_MEMBER in members)
+        return out
+
+    def _replacements(self) -> dict[int, str]:
+        """Complete replacements of rounds whose own folder has no record: ``{N: prefix}``."""
+        complete = {n for n, files in self._round_files().items() if RECORD_MEMBER in files}
+        return {n: name for name, (n, recorded) in sorted(self._temps().items())
+                if recorded and n not in complete}
 
     def names_an_object(self) -> bool:
         """Whether the URL itself is an object (an archive, say), not a prefix."""
@@ -150,22 +191,26 @@ class ObjectRoundDirectory:
         return bool(self._listing())
 
     def rounds(self) -> list[int]:
-        """The complete rounds (``round-N/round.json`` exists), ascending."""
-        return sorted(n for n, files in self._round_files().items() if RECORD_MEMBER in files)
+        """The complete rounds (``round-N/round.json`` exists), ascending; a round whose
+        replacement was interrupted after its record was deleted is listed from the complete
+        replacement (13.11)."""
+        complete = {n for n, files in self._round_files().items() if RECORD_MEMBER in files}
+        return sorted(complete | set(self._replacements()))
 
     def incomplete(self) -> list[str]:
-        """Round prefixes holding files but no record (a writer stopped mid-round)."""
-        return sorted(round_folder_name(n) for n, files in self._round_files().items()
-                      if RECORD_MEMBER not in files)
+        """What is not a complete round: record-less round prefixes (a writer stopped
+        mid-round) and replacement prefixes."""
+        names = [round_folder_name(n) for n, files in self._round_files().items()
+                 if RECORD_MEMBER not in files]
+        return sorted(names + list(self._temps()))
 
     def needs_cleaning(self) -> bool:
-        """Whether a writer left a record-less round, or a complete round lacks its history."""
-        names = self._listing()
-        rounds = self._round_files()
-        if any(RECORD_MEMBER not in files for files in rounds.values()):
+        """Whether a writer left a record-less round or a replacement, or a complete round
+        lacks its history."""
+        if self.incomplete():
             return True
-        return any(f"{HISTORY_FOLDER}/{n:08d}.json" not in names
-                   for n, files in rounds.items() if RECORD_MEMBER in files)
+        names = self._listing()
+        return any(f"{HISTORY_FOLDER}/{n:08d}.json" not in names for n in self.rounds())
 
     def has_member(self, round_: int, member: str) -> bool:
         """Whether the round holds ``member``."""
@@ -256,28 +301,30 @@ class ObjectRoundDirectory:
     def stage(self, round_: int, *, overwrite: bool = False) -> Iterator[ObjectStaging]:
         """Write a round's files in place; :meth:`ObjectStaging.publish` uploads its record.
 
-        An existing complete round is refused unless ``overwrite``; with ``overwrite`` its
-        record is deleted first (the round stops being complete until the new record is up).
-        Leaving the block without publishing deletes what was uploaded.
+        An existing complete round is refused unless ``overwrite``; with ``overwrite`` the
+        new files go to a replacement prefix ``.tmp-round-N-<hex>`` until
+        :meth:`ObjectStaging.publish`. Leaving the block without publishing deletes what was
+        uploaded.
 
         Raises:
             CheckpointExistsError: the round is complete and ``overwrite`` is false.
         """
-        record = self._member_key(round_, RECORD_MEMBER)
+        record = self._object(round_folder_name(round_), RECORD_MEMBER)
         self.fs.invalidate_cache(record)
+        prefix = round_folder_name(round_)
         if self.fs.exists(record):
             if not overwrite:
                 raise CheckpointExistsError(
                     f"round {round_} is already saved in {self.path} "
                     "(pass overwrite=True to replace it)"
                 )
-            self._delete(record)
-        staging = ObjectStaging(self, round_)
+            prefix = f"{_TEMP}{round_folder_name(round_)}-{secrets.token_hex(4)}"
+        staging = ObjectStaging(self, round_, prefix)
         try:
             yield staging
         finally:
             if not staging.published:
-                self._remove_files(round_)
+                self._remove_prefix(prefix)
 
     def _delete(self, key: str) -> None:
         try:
@@ -287,15 +334,29 @@ class ObjectRoundDirectory:
         except OSError as exc:
             raise CheckpointWriteError(f"{key}: cannot delete: {exc}") from exc
 
-    def _remove_files(self, round_: int) -> None:
-        """Delete a round's files: the record first, so it never looks complete."""
-        self._delete(self._member_key(round_, RECORD_MEMBER))
+    def _remove_prefix(self, prefix: str) -> None:
+        """Delete a round's (or replacement's) files: the record first, so it never looks
+        complete."""
+        self._delete(self._object(prefix, RECORD_MEMBER))
         for member in (MODEL_MEMBER, STATE_MEMBER):
-            self._delete(self._member_key(round_, member))
-        leftovers = [name for name in self._listing()
-                     if name.startswith(round_folder_name(round_) + "/")]
-        for name in leftovers:
+            self._delete(self._object(prefix, member))
+        for name in [name for name in self._listing() if name.startswith(prefix + "/")]:
             self._delete(self._object(name))
+
+    def _promote(self, prefix: str, round_: int) -> None:
+        """Copy a complete replacement into ``round-N`` (its record last), then delete it."""
+        target = round_folder_name(round_)
+        members = self._folders().get(prefix, set())
+        try:
+            for member in (MODEL_MEMBER, STATE_MEMBER):
+                if member in members:
+                    self.fs.copy(self._object(prefix, member), self._object(target, member))
+            self.fs.copy(self._object(prefix, RECORD_MEMBER), self._object(target, RECORD_MEMBER))
+        except OSError as exc:
+            raise CheckpointWriteError(
+                f"{self.path}/{target}: cannot put the new round in place: {exc}"
+            ) from exc
+        self._remove_prefix(prefix)
 
     def remove(self, round_: int) -> None:
         """Remove a round: its record first (it stops being listed), then its other files.
@@ -303,7 +364,7 @@ class ObjectRoundDirectory:
         Raises:
             CheckpointWriteError: an object cannot be deleted.
         """
-        self._remove_files(round_)
+        self._remove_prefix(round_folder_name(round_))
 
     def write_history(self, round_: int, data: bytes) -> None:
         """Upload the history document of a round.
@@ -318,16 +379,25 @@ class ObjectRoundDirectory:
             raise CheckpointWriteError(f"{key}: cannot write the history entry: {exc}") from exc
 
     def clean(self) -> list[str]:
-        """Delete the files of record-less rounds; return the round names handled.
+        """Finish or drop what interrupted writers left; return the prefixes handled.
 
+        A complete replacement of a round whose own record is gone is copied into place (its
+        record last); every other replacement, and every record-less round, is deleted.
         Call only while holding the lease (another writer's round in progress has no record
         yet either).
         """
-        handled = self.incomplete()
-        for name in handled:
-            number = parse_round_folder(name)
-            assert number is not None
-            self._remove_files(number)
+        handled = []
+        replacements = self._replacements()
+        for name, (number, _) in sorted(self._temps().items()):
+            if replacements.get(number) == name:
+                self._promote(name, number)
+            else:
+                self._remove_prefix(name)
+            handled.append(name)
+        for number, files in sorted(self._round_files().items()):
+            if RECORD_MEMBER not in files:
+                self._remove_prefix(round_folder_name(number))
+                handled.append(round_folder_name(number))
         return handled
 
     def lock(self) -> Lease:
@@ -345,11 +415,15 @@ class ObjectRoundDirectory:
 class ObjectStaging:
     """A round being written in place (made by :meth:`ObjectRoundDirectory.stage`)."""
 
-    def __init__(self, directory: ObjectRoundDirectory, round_: int) -> None:
+    def __init__(self, directory: ObjectRoundDirectory, round_: int, prefix: str) -> None:
         self.directory = directory
         self.round = round_
+        self.prefix = prefix  # round-N, or a replacement's .tmp-round-N-<hex>
         self.published = False
         self._record: bytes | None = None
+
+    def _url(self, member: str) -> str:
+        return f"{self.directory.path}/{self.prefix}/{member}"
 
     @contextlib.contextmanager
     def open(self, member: str) -> Iterator[BinaryIO]:
@@ -358,7 +432,7 @@ class ObjectStaging:
         Raises:
             CheckpointWriteError: the upload (or the temp file) failed, naming the object.
         """
-        url = self.directory.member_path(self.round, member)
+        url = self._url(member)
         try:
             with remote_write(url, self.directory.storage_options) as handle:
                 yield handle
@@ -378,24 +452,31 @@ class ObjectStaging:
     def publish(self, *, overwrite: bool = False) -> None:
         """Upload the record, last: the round becomes complete.
 
+        A replacement (the round existed: its files went to ``.tmp-round-N-<hex>``) is made
+        complete there first, then the old record is deleted (readers now find round N in
+        the replacement), then its files are copied into ``round-N``, the record last, and
+        the replacement deleted: at every moment one complete round N is listed.
+
         Raises:
             CheckpointExistsError: the round became complete meanwhile and not ``overwrite``.
-            CheckpointWriteError: the upload failed (the round stays incomplete).
+            CheckpointWriteError: an upload or copy failed (the old round is still listed,
+                or the complete replacement is, until the next writer puts it in place).
         """
         assert self._record is not None, "the record is written before publish()"
-        key = self.directory._member_key(self.round, RECORD_MEMBER)
+        directory = self.directory
+        key = directory._object(self.prefix, RECORD_MEMBER)
         try:
-            self.directory.fs.pipe_file(key, self._record,
-                                        mode="overwrite" if overwrite else "create")
+            directory.fs.pipe_file(key, self._record, mode="create")
         except FileExistsError:
             raise CheckpointExistsError(
-                f"round {self.round} is already saved in {self.directory.path}"
+                f"round {self.round} is already saved in {directory.path}"
             ) from None
         except OSError as exc:
-            raise CheckpointWriteError(
-                f"{self.directory.member_path(self.round, RECORD_MEMBER)}: cannot write: {exc}"
-            ) from exc
+            raise CheckpointWriteError(f"{self._url(RECORD_MEMBER)}: cannot write: {exc}") from exc
         self.published = True
+        if self.prefix != round_folder_name(self.round):
+            directory._delete(directory._object(round_folder_name(self.round), RECORD_MEMBER))
+            directory._promote(self.prefix, self.round)
 
 
 def _pid_alive(pid: int) -> bool:
