@@ -32,7 +32,8 @@ import pytest
 from _pytest.doctest import DoctestItem
 
 #: Modules whose import needs declearn: the engine part of hkstore.integrations.declearn.
-_DECLEARN_MODULES = ["_engine.py", "_harden.py", "_model.py", "_policy.py", "_vector.py"]
+_DECLEARN_MODULES = ["_checkpointer.py", "_client.py", "_engine.py", "_harden.py", "_messages.py",
+                     "_model.py", "_policy.py", "_server.py", "_states.py", "_vector.py"]
 
 #: Modules whose import needs flwr: all of hkstore.integrations.flower but its package file,
 #: whose doctest needs flwr too.

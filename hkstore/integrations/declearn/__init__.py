@@ -43,7 +43,17 @@ if TYPE_CHECKING:
     from hkstore.integrations.declearn._engine import TYPEKEY as TYPEKEY
     from hkstore.integrations.declearn._engine import DeclearnHaikuModel as DeclearnHaikuModel
     from hkstore.integrations.declearn._engine import DeclearnJaxVector as DeclearnJaxVector
+    from hkstore.integrations.declearn._engine import HkstoreCheckpointer as HkstoreCheckpointer
     from hkstore.integrations.declearn._engine import ReceivePolicy as ReceivePolicy
+    from hkstore.integrations.declearn._engine import (
+        ResumableFederatedClient as ResumableFederatedClient,
+    )
+    from hkstore.integrations.declearn._engine import (
+        ResumableFederatedServer as ResumableFederatedServer,
+    )
+    from hkstore.integrations.declearn._engine import ResumeReply as ResumeReply
+    from hkstore.integrations.declearn._engine import ResumeRequest as ResumeRequest
+    from hkstore.integrations.declearn._engine import RoundState as RoundState
     from hkstore.integrations.declearn._engine import (
         check_declearn_internals as check_declearn_internals,
     )
@@ -59,7 +69,13 @@ _ENGINE = frozenset(
         "TYPEKEY",
         "DeclearnHaikuModel",
         "DeclearnJaxVector",
+        "HkstoreCheckpointer",
         "ReceivePolicy",
+        "ResumableFederatedClient",
+        "ResumableFederatedServer",
+        "ResumeReply",
+        "ResumeRequest",
+        "RoundState",
         "check_declearn_internals",
         "get_receive_policy",
         "harden",
