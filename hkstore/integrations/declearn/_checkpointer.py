@@ -358,6 +358,12 @@ class HkstoreCheckpointer(DeclearnCheckpointer):
         """Finish a background save in flight and release the directory's lock."""
         self._store.close()
 
+    def __enter__(self) -> HkstoreCheckpointer:
+        return self
+
+    def __exit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
+        self._store.__exit__(exc_type, exc, tb)
+
     # --- declearn's other saving methods --------------------------------------------------
 
     def save_metrics(

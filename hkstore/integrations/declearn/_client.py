@@ -89,7 +89,7 @@ class ResumableFederatedClient(FederatedClient):
     Example:
         >>> client = ResumableFederatedClient(netwk, train_data,  # doctest: +SKIP
         ...                                   checkpoint="runs/client-1", verbose=False)
-        >>> client.run()  # survives a server restart; run again after its own crash
+        >>> client.run()  # survives a server restart; run again after a crash  # doctest: +SKIP
     """
 
     def __init__(

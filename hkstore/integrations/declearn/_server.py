@@ -10,7 +10,9 @@ server optimizer's config and state (its modules' states included), and
 
 - ``losses`` (the evaluation losses so far), ``best`` (the best trainable weights, or
   ``"model"`` when they are this round's) and ``best_round``;
-- ``sampler``: the client sampler's generator and scores (:func:`._states.sampler_state`);
+- ``sampler``: the client sampler's generator and scores (:func:`._states.sampler_state`;
+  the sampler draws from its clients in sorted order, :class:`._states.ClientSet`, so that
+  the same draws pick the same clients in a restarted process);
 - ``early_stop``: the values early stopping was fed (replayed on resume);
 - ``stop`` (training had ended after this round) and ``finished`` (the final evaluation ran).
 
@@ -41,7 +43,11 @@ from hkstore.errors import CheckpointExistsError, RefusedPayloadError, StateMism
 from hkstore.integrations.declearn._checkpointer import HkstoreCheckpointer, RoundState
 from hkstore.integrations.declearn._messages import ResumeReply, ResumeRequest
 from hkstore.integrations.declearn._model import DeclearnHaikuModel
-from hkstore.integrations.declearn._states import restore_sampler, sampler_state
+from hkstore.integrations.declearn._states import (
+    order_sampler_clients,
+    restore_sampler,
+    sampler_state,
+)
 
 __all__ = ["ResumableFederatedServer", "as_hkstore_checkpointer"]
 
@@ -104,7 +110,8 @@ class ResumableFederatedServer(FederatedServer):
     Example:
         >>> server = ResumableFederatedServer(model, netwk, optim,  # doctest: +SKIP
         ...                                   checkpoint={"folder": "runs/server"})
-        >>> server.run(config)  # again after a crash: resumes after the latest round
+        >>> server.run(config)  # doctest: +SKIP
+        >>> server.run(config)  # after a crash: resumes after the latest round  # doctest: +SKIP
     """
 
     def __init__(
@@ -154,6 +161,7 @@ class ResumableFederatedServer(FederatedServer):
             async with self.netwk:
                 await self.initialization(config)
                 self.client_sampler.init_clients(self.netwk.client_names)
+                order_sampler_clients(self.client_sampler)
                 if found is not None:
                     self._restore_sampler(found)
                     await self._resume_clients(found.round)

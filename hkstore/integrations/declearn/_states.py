@@ -25,7 +25,8 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Set as AbstractSet
 from typing import Any
 
 import jax
@@ -37,9 +38,11 @@ from hkstore.errors import StateMismatchError
 
 __all__ = [
     "VECTOR_KEY",
+    "ClientSet",
     "from_tree",
     "generator_of",
     "generator_state",
+    "order_sampler_clients",
     "restore_sampler",
     "sampler_state",
     "set_generator_state",
@@ -269,3 +272,56 @@ def restore_sampler(sampler: object, state: Mapping[str, Any], *,
                                      f"{len(children)} in this one")
         for i, (child, child_state) in enumerate(zip(children, stored, strict=True)):
             restore_sampler(child, child_state, where=f"{where}.samplers[{i}]")
+
+
+class ClientSet(set[str]):
+    """A set of client names that iterates in sorted order (so do the sets its operators
+    return).
+
+    declearn's uniform and weighted samplers draw from ``list(clients)``: the order of a
+    plain set of strings follows Python's string hashing, which differs from process to
+    process (``PYTHONHASHSEED``) and, on collisions, with the order clients registered in.
+    The same random draws would then pick other clients in a restarted server. Sorted
+    iteration makes a sampler's choices a function of its generator alone.
+
+    Example:
+        >>> list(ClientSet({"c", "a", "b"})), list(ClientSet({"c", "a"}) - {"a"})
+        (['a', 'b', 'c'], ['c'])
+    """
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(sorted(set.__iter__(self)))
+
+    def __sub__(self, other: AbstractSet[Any]) -> ClientSet:
+        return ClientSet(set.__sub__(self, other))
+
+    def __and__(self, other: AbstractSet[Any]) -> ClientSet:
+        return ClientSet(set.__and__(self, other))
+
+    def __or__(self, other: AbstractSet[Any]) -> ClientSet:  # type: ignore[override]
+        return ClientSet(set.__or__(self, other))
+
+    def __xor__(self, other: AbstractSet[Any]) -> ClientSet:  # type: ignore[override]
+        return ClientSet(set.__xor__(self, other))
+
+    def difference(self, *others: Iterable[Any]) -> ClientSet:
+        return ClientSet(set.difference(self, *others))
+
+    def intersection(self, *others: Iterable[Any]) -> ClientSet:
+        return ClientSet(set.intersection(self, *others))
+
+    def union(self, *others: Iterable[Any]) -> ClientSet:  # type: ignore[override]
+        return ClientSet(set.union(self, *others))
+
+    def copy(self) -> ClientSet:
+        return ClientSet(self)
+
+
+def order_sampler_clients(sampler: object) -> None:
+    """Make a declearn client sampler (and the samplers it composes) draw from its clients in
+    sorted order (see :class:`ClientSet`)."""
+    clients = getattr(sampler, "clients", None)
+    if isinstance(clients, set):
+        setattr(sampler, "clients", ClientSet(clients))  # noqa: B010  (any sampler class)
+    for child in getattr(sampler, "samplers", None) or []:
+        order_sampler_clients(child)
