@@ -36,8 +36,9 @@ from declearn.main import FederatedClient
 from declearn.messaging import SerializedMessage
 from declearn.secagg import messaging as secagg_messaging
 
-from hkstore.errors import CheckpointNotFoundError, RefusedPayloadError, StateMismatchError
+from hkstore.errors import CheckpointNotFoundError, StateMismatchError
 from hkstore.integrations.declearn._checkpointer import HkstoreCheckpointer, RoundState
+from hkstore.integrations.declearn._harden import refusal_in
 from hkstore.integrations.declearn._messages import ResumeReply, ResumeRequest
 from hkstore.integrations.declearn._model import DeclearnHaikuModel
 from hkstore.integrations.declearn._server import as_hkstore_checkpointer
@@ -165,7 +166,7 @@ class ResumableFederatedClient(FederatedClient):
         ckptr, self.ckptr = self.ckptr, None
         try:
             await super().initialize()
-        except RefusedPayloadError as exc:
+        except (TypeError, ValueError) as exc:
             await self._report_refusal(exc)
         finally:
             self.ckptr = ckptr
@@ -180,26 +181,30 @@ class ResumableFederatedClient(FederatedClient):
                 await self._resume(ser_msg.deserialize())
                 return False
             return await super().handle_message(ser_msg)
-        except RefusedPayloadError as exc:
+        except (TypeError, ValueError) as exc:
             await self._report_refusal(exc)
             raise  # not reached: _report_refusal raises
 
-    async def _report_refusal(self, exc: RefusedPayloadError) -> None:
-        """A server message this process refused to decode: tell the server (which cancels the
-        run), then stop with the server's cancellation, or with ``exc``.
+    async def _report_refusal(self, exc: TypeError | ValueError) -> None:
+        """When ``exc`` is (or was caused by) a refusal to decode a server message: tell the
+        server (which cancels the run), then stop with the server's cancellation.
 
         Raises:
-            RuntimeError: the server cancelled the run (its reason), ``exc`` chained.
-            RefusedPayloadError: ``exc``, when the server sent anything else.
+            RuntimeError: the server cancelled the run (its reason), the refusal chained.
+            TypeError, ValueError: ``exc`` itself, when it is no refusal; the refusal, when
+                the server answers with anything but a cancellation.
         """
-        error = f"{self.netwk.name} refused a message from the server: {exc}"
+        refused = refusal_in(exc)
+        if refused is None:
+            raise exc
+        error = f"{self.netwk.name} refused a message from the server: {refused}"
         _LOG.error("%s", error)
         await self.netwk.send_message(messaging.Error(error))
         received = await self.netwk.recv_message()
         if issubclass(received.message_cls, messaging.CancelTraining):
             reason = received.deserialize().reason
-            raise RuntimeError(f"the server cancelled the run: {reason}") from exc
-        raise exc
+            raise RuntimeError(f"the server cancelled the run: {reason}") from refused
+        raise refused
 
     # --- rounds ----------------------------------------------------------------------------
 

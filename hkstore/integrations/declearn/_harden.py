@@ -44,7 +44,7 @@ from declearn.utils import access_registered
 
 from hkstore.errors import FrameworkVersionError, RefusedPayloadError, UnsafeTrustWarning
 
-__all__ = ["check_declearn_internals", "harden", "is_hardened", "unharden"]
+__all__ = ["check_declearn_internals", "harden", "is_hardened", "refusal_in", "unharden"]
 
 _LOG = logging.getLogger("hkstore.integrations.declearn")
 _SERIALIZE = "declearn.utils.serialize"
@@ -175,6 +175,32 @@ def _refuse(what: str) -> RefusedPayloadError:
     )
     _LOG.warning("%s", message)
     return RefusedPayloadError(message)
+
+
+def refusal_in(exc: BaseException) -> RefusedPayloadError | None:
+    """Return the :class:`~hkstore.errors.RefusedPayloadError` behind ``exc``, or ``None``.
+
+    declearn reports any error its message decoding raises as a ``ValueError`` ("Failed to
+    decode ...") chained to it: a refusal is found by following the chain.
+
+    Example:
+        >>> try:
+        ...     try:
+        ...         raise RefusedPayloadError("no")
+        ...     except RefusedPayloadError as inner:
+        ...         raise ValueError("Failed to decode") from inner
+        ... except ValueError as outer:
+        ...     str(refusal_in(outer)), refusal_in(ValueError("other"))
+        ('no', None)
+    """
+    seen: set[int] = set()
+    found: BaseException | None = exc
+    while found is not None and id(found) not in seen:
+        if isinstance(found, RefusedPayloadError):
+            return found
+        seen.add(id(found))
+        found = found.__cause__ or found.__context__
+    return None
 
 
 def _check_payload(obj: object, fmt: str, internals: _Internals) -> None:

@@ -39,8 +39,9 @@ from declearn.main.config import FLRunConfig
 from declearn.main.utils import Checkpointer as DeclearnCheckpointer
 from declearn.main.utils import EarlyStopping
 
-from hkstore.errors import CheckpointExistsError, RefusedPayloadError, StateMismatchError
+from hkstore.errors import CheckpointExistsError, StateMismatchError, WeightsMismatchError
 from hkstore.integrations.declearn._checkpointer import HkstoreCheckpointer, RoundState
+from hkstore.integrations.declearn._harden import refusal_in
 from hkstore.integrations.declearn._messages import ResumeReply, ResumeRequest
 from hkstore.integrations.declearn._model import DeclearnHaikuModel
 from hkstore.integrations.declearn._states import (
@@ -48,6 +49,7 @@ from hkstore.integrations.declearn._states import (
     restore_sampler,
     sampler_state,
 )
+from hkstore.model._fit import check_fit, spec_of
 
 __all__ = ["ResumableFederatedServer", "as_hkstore_checkpointer"]
 
@@ -333,15 +335,44 @@ class ResumableFederatedServer(FederatedServer):
             await self.netwk.send_messages({client: cancel for client in self.netwk.client_names},
                                            timeout=self.notify_timeout)
 
+    def _misfit(self, reply: messaging.Message) -> str | None:
+        """Why a ``TrainReply``'s updates do not fit the model's trainable weights (every
+        name, shape and dtype at fault), or ``None``; other messages are not checked.
+
+        Checked for each client before anything is aggregated, so that a bad update leaves the
+        model and the server optimizer's state as they were.
+        """
+        if not isinstance(reply, messaging.TrainReply):
+            return None
+        vector = getattr(reply.updates, "updates", None)  # declearn's ModelUpdates.updates
+        coefs = getattr(vector, "coefs", None)
+        if not isinstance(coefs, Mapping):
+            return (f"its updates hold a {type(vector).__name__}, not a declearn Vector of "
+                    "the trainable weights")
+        weights = self.model.get_weights(trainable=True).coefs
+        malformed = sorted(name for name, value in coefs.items()
+                           if not (hasattr(value, "shape") and hasattr(value, "dtype")))
+        if malformed:
+            return f"update(s) {malformed} are not arrays"
+        try:
+            check_fit({name: spec_of(value) for name, value in weights.items()},
+                      {str(name): spec_of(value) for name, value in coefs.items()},
+                      where="updates", given_as="client's updates")
+        except WeightsMismatchError as exc:
+            return str(exc)
+        return None
+
     async def _collect_results(self, clients: set[str], msgtype: type[MessageT],
                                context: str) -> dict[str, MessageT]:
         """Wait for one reply of type ``msgtype`` from each client, as declearn does; a reply
         this process refuses to decode (a model payload off the allow-list, an archive the
-        receive policy refuses) counts as that client's error, named in the log.
+        receive policy refuses), or a training reply whose updates do not fit the model
+        (:meth:`_misfit`), counts as that client's error, named in the log.
 
         Raises:
-            RuntimeError: a client replied with an error, an unexpected message or a refused
-                payload (the run is cancelled for every client first).
+            RuntimeError: a client replied with an error, an unexpected message, a refused
+                payload or updates that do not fit (the run is cancelled for every client
+                first; the model is unchanged).
         """
         replies = await self.netwk.wait_for_messages(clients)
         results: dict[str, MessageT] = {}
@@ -351,12 +382,17 @@ class ResumableFederatedServer(FederatedServer):
             try:
                 if issubclass(kind, msgtype):
                     results[client] = reply.deserialize()
+                    misfit = self._misfit(results[client])
+                    if misfit is not None:
+                        errors[client] = f"its {kind.__name__} was refused: {misfit}"
                 elif issubclass(kind, messaging.Error):
                     errors[client] = f"reported an error: {reply.deserialize().message}"
                 else:
                     errors[client] = f"sent a {kind.__name__}, expected a {msgtype.__name__}"
-            except RefusedPayloadError as exc:
-                errors[client] = f"its {kind.__name__} was refused: {exc}"
+            except (TypeError, ValueError) as exc:  # declearn: ValueError("Failed to decode")
+                refused = refusal_in(exc)
+                errors[client] = (f"its {kind.__name__} was refused: {refused}" if refused
+                                  else f"its {kind.__name__} could not be decoded: {exc!r}")
         if errors:
             reason = (f"{context} failed for {len(errors)} client(s): "
                       + "; ".join(f"{client} {why}" for client, why in sorted(errors.items())))
