@@ -231,19 +231,20 @@ class ResumableFederatedClient(FederatedClient):
                               state=self._local_state(), metrics=metrics,
                               overwrite=overwrite or replay)
 
-    def _refused_without_secagg(self, round_i: int, what: str) -> str | None:
-        if self.secagg is not None and self._encrypter is None:
-            return (f"{self.netwk.name} will not take part in {what} round {round_i}: SecAgg is "
-                    "configured but was not set up")
-        return None
+    async def _refused_without_secagg(self, round_i: int, what: str) -> bool:
+        """With SecAgg configured but not set up, tell the server (an ``Error``) and say so."""
+        if self.secagg is None or self._encrypter is not None:
+            return False
+        refusal = (f"{self.netwk.name} will not take part in {what} round {round_i}: SecAgg is "
+                   "configured but was not set up")
+        self.logger.error(refusal)
+        await self.netwk.send_message(messaging.Error(refusal))
+        return True
 
     async def training_round(self, message: messaging.TrainRequest) -> None:
         """Train as declearn does, save the round, then reply."""
         assert self.trainmanager is not None
-        refusal = self._refused_without_secagg(message.round_i, "training")
-        if refusal is not None:
-            self.logger.error(refusal)
-            await self.netwk.send_message(messaging.Error(refusal))
+        if await self._refused_without_secagg(message.round_i, "training"):
             return
         reply: messaging.Message = self.trainmanager.training_round(message)
         losses = self.trainmanager.model.collect_training_losses()
@@ -263,10 +264,7 @@ class ResumableFederatedClient(FederatedClient):
     async def evaluation_round(self, message: messaging.EvaluationRequest) -> None:
         """Evaluate as declearn does, save the round again (now evaluated), then reply."""
         assert self.trainmanager is not None
-        refusal = self._refused_without_secagg(message.round_i, "evaluation")
-        if refusal is not None:
-            self.logger.error(refusal)
-            await self.netwk.send_message(messaging.Error(refusal))
+        if await self._refused_without_secagg(message.round_i, "evaluation"):
             return
         reply: messaging.Message = self.trainmanager.evaluation_round(message)
         if isinstance(reply, messaging.EvaluationReply):
