@@ -156,7 +156,10 @@ class HkstoreCheckpointer(DeclearnCheckpointer):
             ``compression``.
 
     Example:
-        >>> ckpt = HkstoreCheckpointer("runs/server", keep_last=3)  # doctest: +SKIP
+        >>> import tempfile
+        >>> ckpt = HkstoreCheckpointer(tempfile.mkdtemp(), keep_last=3)
+        >>> ckpt.rounds(), ckpt.latest_round(), ckpt.max_history
+        ([], None, 3)
         >>> FederatedServer(model, netwk, optim, checkpoint=ckpt).run(config)  # doctest: +SKIP
         >>> [entry["round"] for entry in ckpt.history()]  # doctest: +SKIP
         [0, 1, 2, 3]

@@ -88,6 +88,8 @@ class ResumableFederatedClient(FederatedClient):
         TypeError: declearn's own ``Checkpointer``.
 
     Example:
+        >>> [cls.__name__ for cls in ResumableFederatedClient.__mro__[:2]]
+        ['ResumableFederatedClient', 'FederatedClient']
         >>> client = ResumableFederatedClient(netwk, train_data,  # doctest: +SKIP
         ...                                   checkpoint="runs/client-1", verbose=False)
         >>> client.run()  # survives a server restart; run again after a crash  # doctest: +SKIP

@@ -110,6 +110,8 @@ class ResumableFederatedServer(FederatedServer):
     clients, when one fails or stays silent.
 
     Example:
+        >>> [cls.__name__ for cls in ResumableFederatedServer.__mro__[:2]]
+        ['ResumableFederatedServer', 'FederatedServer']
         >>> server = ResumableFederatedServer(model, netwk, optim,  # doctest: +SKIP
         ...                                   checkpoint={"folder": "runs/server"})
         >>> server.run(config)  # doctest: +SKIP
