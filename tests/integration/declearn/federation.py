@@ -240,8 +240,12 @@ def scaffold_names(run: Path) -> dict[str, str]:
 
 
 def renamed(tree: Any, names: dict[str, str]) -> Any:
+    """``tree`` with Scaffold's client uuids replaced by names; Scaffold's server keeps its
+    clients as a set, saved as a list in set order (string hashing, uuids drawn anew each
+    run), so that list is compared sorted."""
     if isinstance(tree, dict):
-        return {k: renamed(v, names) for k, v in tree.items()}
+        return {k: sorted(renamed(v, names)) if k == "clients" and isinstance(v, list)
+                else renamed(v, names) for k, v in tree.items()}
     if isinstance(tree, list | tuple):
         return type(tree)(renamed(v, names) for v in tree)
     return names.get(tree, tree) if isinstance(tree, str) else tree
