@@ -31,6 +31,8 @@ from hkstore.model._device import DevicePolicy as DevicePolicy
 from hkstore.model._device import early_placement as early_placement
 from hkstore.model._device import get_device_policy as get_device_policy
 from hkstore.model._device import set_device_policy as set_device_policy
+from hkstore.model._fit import check_fit as check_fit
+from hkstore.model._fit import spec_of as spec_of
 from hkstore.model._ghost_plan import ClippingReport as ClippingReport
 from hkstore.model._model import HaikuModel as HaikuModel
 from hkstore.model._persist import archive_content as archive_content
@@ -52,9 +54,11 @@ __all__ = [
     "WeightSpec",
     "aggregate_data_info",
     "archive_content",
+    "check_fit",
     "early_placement",
     "get_device_policy",
     "read_state",
     "set_device_policy",
+    "spec_of",
     "validate_data_info",
 ]

@@ -49,7 +49,7 @@ from hkstore.integrations.declearn._states import (
     restore_sampler,
     sampler_state,
 )
-from hkstore.model._fit import check_fit, spec_of
+from hkstore.model import check_fit, spec_of
 
 __all__ = ["ResumableFederatedServer", "as_hkstore_checkpointer"]
 
