@@ -2,7 +2,8 @@
 
 Everything runs on real files in ``tmp_path``: rounds are written, listed, damaged byte by
 byte and read back through the public API; locks are taken by real second Checkpointers and
-real subprocesses; write failures come from a read-only folder and ``RLIMIT_FSIZE``.
+real subprocesses; write failures come from ``RLIMIT_FSIZE`` in a real subprocess (a read-only
+folder does not stop a process running as root).
 """
 
 from __future__ import annotations
