@@ -293,8 +293,12 @@ def destination(
     visible under ``target`` unless the body succeeds.
 
     Example:
-        >>> with destination("memory://docs/x.bin") as f:  # doctest: +SKIP
+        >>> with destination("memory://docs/x.bin") as f:
         ...     f.write(b"data")
+        4
+        >>> import fsspec
+        >>> fsspec.filesystem("memory").cat_file("/docs/x.bin")
+        b'data'
     """
     from hkstore.store._atomic import atomic_write
 

@@ -26,9 +26,9 @@ the same machine); an expired lease is taken over with a conditional replace (S3
 ``If-Match`` on its ETag) where the store offers one.
 
 Example:
-    >>> folder = ObjectRoundDirectory("s3://bucket/runs/exp1")  # doctest: +SKIP
-    >>> folder.rounds()  # doctest: +SKIP
-    [3, 4]
+    >>> folder = ObjectRoundDirectory("memory://bucket/runs/exp1")
+    >>> folder.rounds()  # nothing saved there yet
+    []
 """
 
 from __future__ import annotations
