@@ -6,7 +6,14 @@ read returns and logs each write and delete, in order, so that tests can see wha
 the "network" and in which order objects appeared and vanished.
 
 Example:
-    >>> fs = fsspec.filesystem("countmem")  # doctest: +SKIP
+    >>> fs = fsspec.filesystem("countmem")
+    >>> fs.reset()
+    >>> fs.pipe_file("/doc/a.bin", b"0123456789")
+    >>> fs.cat_file("/doc/a.bin", start=2, end=5), fs.transferred, fs.requests
+    (b'234', 3, 1)
+    >>> fs.rm("/doc/a.bin")
+    >>> fs.log
+    [('put', '/doc/a.bin'), ('rm', '/doc/a.bin')]
 """
 
 from __future__ import annotations
