@@ -367,6 +367,20 @@ _VALUES = [None, True, 0, -1, 1.0, 2.5, "", "x", "F32", "0" * 64, "A" * 64, [], 
            [2.0], {}, {"a": 1}, [{"": 1}], ["n"], ["n", "n"]]  # fmt: skip
 
 
+def _edit_tensor(tensors: list[Any], index: int, key: str | None, value: Any) -> None:
+    """Apply one tensor-list edit: replace entry ``index`` (``key`` None), add a field
+    (``"extra"``), move the digest under the other algorithm's key (``"swap"``), or set ``key``."""
+    if key is None:
+        tensors[index] = value
+    elif key == "extra":
+        tensors[index]["extra"] = value
+    elif key == "swap":
+        old = "sha256" if "sha256" in tensors[index] else "blake3"
+        tensors[index]["blake3" if old == "sha256" else "sha256"] = tensors[index].pop(old)
+    else:
+        tensors[index][key] = value
+
+
 @settings(max_examples=300, deadline=None)
 @given(st.integers(0, 3), st.sampled_from(["name", "dtype", "shape", "sha256", "blake3",
                                            "swap", "extra", None]),
@@ -378,15 +392,7 @@ def test_one_pass_list_checks_agree_with_json_schema(
     edit, both checks must accept or refuse the manifest alike (cross-field rules aside)."""
     document = manifest_document(archive_bytes())
     tensors = document["tensors"]
-    if key is None:
-        tensors[index] = value
-    elif key == "extra":
-        tensors[index]["extra"] = value
-    elif key == "swap":  # the digest under the other algorithm's key
-        old = "sha256" if "sha256" in tensors[index] else "blake3"
-        tensors[index]["blake3" if old == "sha256" else "sha256"] = tensors[index].pop(old)
-    else:
-        tensors[index][key] = value
+    _edit_tensor(tensors, index, key, value)
     if trainable_edit == "x":
         document["trainable"].append(value)
     elif trainable_edit is not None:
@@ -428,15 +434,7 @@ def test_a_round_records_tensor_list_checks_agree_with_json_schema(
                            retention=Retention())
     document = json.loads(data)
     tensors = document["state"]["tensors"]
-    if key is None:
-        tensors[index] = value
-    elif key == "extra":
-        tensors[index]["extra"] = value
-    elif key == "swap":  # the digest under the other algorithm's key
-        old = "sha256" if "sha256" in tensors[index] else "blake3"
-        tensors[index]["blake3" if old == "sha256" else "sha256"] = tensors[index].pop(old)
-    else:
-        tensors[index][key] = value
+    _edit_tensor(tensors, index, key, value)
     schema_ok = not schema_problems(document, schema=ROUND_SCHEMA)
     try:
         parse_record(canonical_json(document), where="round.json")
